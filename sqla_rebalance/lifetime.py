@@ -1,0 +1,106 @@
+"""Per-connection lifetime: the jittered deadline and the state we keep per connection."""
+
+from __future__ import annotations
+
+import random
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pool import RebalancingQueuePool
+
+__all__ = ["ConnState", "draw_lifetime", "replacement_lead"]
+
+#: Key of our state in ``ConnectionPoolEntry.info``. ``info`` is cleared by
+#: SQLAlchemy whenever the record reconnects, which is exactly the life of one
+#: DBAPI connection.
+INFO_KEY = "sqla_rebalance"
+
+
+def draw_lifetime(recycle: float, jitter: float, rng: random.Random | None = None) -> float:
+    """A lifetime drawn uniformly in ``[recycle * (1 - jitter), recycle]``.
+
+    Drawing each connection's lifetime independently is what breaks up the
+    reconnect storm of a plain ``pool_recycle``: connections opened together
+    expire spread over ``jitter * recycle`` seconds. The upper bound is never
+    exceeded, so ``pool_recycle`` keeps its meaning of a maximum lifetime.
+    """
+    if recycle <= 0:
+        raise ValueError("recycle must be positive")
+    r = (rng or random).random()  # [0, 1)
+    return recycle * (1.0 - jitter * r)
+
+
+def replacement_lead(recycle: float) -> float:
+    """How long before its deadline an idle connection is replaced.
+
+    Long enough for the worker to open the replacement (one connect, a few
+    milliseconds on a LAN) before SQLAlchemy's own check would recycle the
+    connection inside a checkout; short enough not to distort the drawn
+    lifetime: 2 % of ``pool_recycle``, between 50 ms and 2 s.
+    """
+    return min(2.0, max(0.05, 0.02 * recycle))
+
+
+class ConnState:
+    """What the pool knows of one open DBAPI connection.
+
+    Lives in ``record.info[INFO_KEY]`` and in the pool's table of open
+    connections. Written by the connecting thread once, then only by the
+    maintenance worker and ``pin``/``unpin``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "closed",
+        "connected_at",
+        "dbapi",
+        "deadline",
+        "host",
+        "idle_since",
+        "pinned",
+        "pool_ref",
+        "reason",
+        "retire_at",
+        "retire_reason",
+    )
+
+    def __init__(
+        self,
+        pool: RebalancingQueuePool,
+        dbapi: Any,
+        host: str,
+        connected_at: float,
+        deadline: float | None,
+    ) -> None:
+        self.pool_ref: weakref.ref[RebalancingQueuePool] = weakref.ref(pool)
+        self.dbapi = dbapi
+        self.host = host
+        self.connected_at = connected_at
+        #: Lifetime deadline (epoch seconds), None without ``pool_recycle``.
+        self.deadline = deadline
+        #: A requested retirement (recycle, rebalance...): when, and why.
+        self.retire_at: float | None = None
+        self.retire_reason: str | None = None
+        #: The reason the pool gave when it closed the connection.
+        self.reason: str | None = None
+        self.pinned = False
+        self.closed = False
+        self.idle_since: float | None = None
+
+    def due(self, lead: float) -> tuple[float, str] | None:
+        """When the pool should retire this connection, and why (None: never)."""
+        from .stats import LIFETIME
+
+        best: tuple[float, str] | None = None
+        if self.deadline is not None:
+            best = (self.deadline - lead, LIFETIME)
+        if self.retire_at is not None and (best is None or self.retire_at < best[0]):
+            best = (self.retire_at, self.retire_reason or LIFETIME)
+        return best
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConnState host={self.host} connected_at={self.connected_at:.3f} "
+            f"deadline={self.deadline}>"
+        )

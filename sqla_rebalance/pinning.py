@@ -1,0 +1,59 @@
+"""Pinning: keep a connection that holds session state out of every recycle.
+
+A connection holding an advisory lock, a ``LISTEN``, temporary tables or
+``SET`` session settings must not be silently replaced. ``pin()`` exempts it
+from lifetime replacement, ``recycle()`` and rebalancing until ``unpin()``;
+an error that invalidates it still closes it (a broken connection is not
+worth keeping).
+"""
+
+from __future__ import annotations
+
+from . import _sa
+from .errors import NotPooledError
+from .lifetime import INFO_KEY, ConnState
+
+__all__ = ["is_pinned", "pin", "unpin"]
+
+
+def _state(conn: object) -> tuple[object, ConnState]:
+    try:
+        rec = _sa.record_of(conn)
+    except TypeError as err:
+        raise NotPooledError(str(err)) from None
+    state = rec.info.get(INFO_KEY)
+    if not isinstance(state, ConnState):
+        raise NotPooledError(
+            f"{conn!r} was not opened by a RebalancingQueuePool; "
+            "pin() works on connections of sqla-rebalance pools only"
+        )
+    return rec, state
+
+
+def pin(conn: object) -> None:
+    """Exempt ``conn`` (a ``Connection`` or pool-proxied DBAPI connection) from recycling."""
+    rec, state = _state(conn)
+    state.pinned = True
+    pool = state.pool_ref()
+    if pool is not None:
+        pool._doomed.pop(rec, None)  # type: ignore[call-overload]
+        pool._shield(rec)  # type: ignore[arg-type]
+
+
+def unpin(conn: object) -> None:
+    """Make ``conn`` subject to recycling again; if it is past its deadline it is
+    retired at its next checkin (or replaced, if idle)."""
+    rec, state = _state(conn)
+    state.pinned = False
+    pool = state.pool_ref()
+    if pool is not None:
+        pool._restore_deadline(rec, state)  # type: ignore[arg-type]
+        pool._next_due = 0.0
+        from .worker import get_worker
+
+        get_worker().poke()
+
+
+def is_pinned(conn: object) -> bool:
+    """True if ``conn`` is pinned."""
+    return _state(conn)[1].pinned

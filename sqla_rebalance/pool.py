@@ -1,0 +1,703 @@
+"""``RebalancingQueuePool``: a drop-in ``QueuePool`` with jittered lifetimes,
+background replacement and graceful recycling.
+
+How it stays within a few percent of ``QueuePool`` on the checkout path:
+
+- Checkout is not overridden at all. Each connection's jittered deadline is
+  folded into SQLAlchemy's own recycle comparison by moving the record's
+  ``starttime`` back by ``pool_recycle - lifetime`` (clamped so it never
+  crosses an invalidation mark, see ``_sa.clamp_starttime``). That check is a
+  safety net: the worker normally replaces an idle connection *before* its
+  deadline, so no checkout pays a lifetime reconnect.
+- Checkin adds one dict membership test: is this record marked to retire?
+  The maintenance worker marks in-use connections that are due (lifetime
+  reached, recycle requested) after it has opened a spare to take their
+  place; the checkin swaps the spare in and hands the old connection to the
+  worker to close. Nothing is closed on the request path.
+
+Everything else (opening, closing, scanning, sizing) happens in the
+maintenance worker (``worker.py``), off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import event
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
+from sqlalchemy.pool.base import _AsyncConnDialect
+from sqlalchemy.util import queue as sqla_queue
+
+from . import _sa, signals
+from .config import PoolConfig
+from .lifetime import INFO_KEY, ConnState, draw_lifetime, replacement_lead
+from .stats import (
+    DISPOSE,
+    ERROR,
+    IDLE,
+    LIFETIME,
+    MANUAL,
+    OVERFLOW,
+    RETIREMENT_REASONS,
+    Counters,
+    HostStats,
+    PoolStats,
+)
+from .worker import MAX_SLEEP, get_worker
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+
+try:  # greenlet identifies "who is connecting" inside an asyncio event loop
+    from greenlet import getcurrent as _getcurrent
+except ImportError:  # pragma: no cover - greenlet is present wherever asyncio pools are
+    _getcurrent = None
+
+__all__ = ["AsyncRebalancingQueuePool", "RebalancingQueuePool"]
+
+log = logging.getLogger("sqla_rebalance.pool")
+
+# Retry delays (s) for background connects that fail: exponential, full jitter.
+_BACKOFF_MIN = 0.5
+_BACKOFF_MAX = 30.0
+
+
+def _describe_host(dbapi_connection: Any) -> str:
+    """``host:port`` of a DBAPI connection, as the driver reports it."""
+    drv = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    info = getattr(drv, "info", None)  # psycopg
+    host = getattr(info, "host", None)
+    port = getattr(info, "port", None)
+    if host is None:  # pymysql, mysqlclient
+        host = getattr(drv, "host", None)
+        port = getattr(drv, "port", None)
+    if not host or not isinstance(host, str):
+        return "local"
+    return f"{host}:{port}" if port else host
+
+
+class RebalancingQueuePool(QueuePool):
+    """A :class:`~sqlalchemy.pool.QueuePool` that keeps its connections fresh
+    without ever making a request wait for it.
+
+    Use it with ``create_engine(url, poolclass=RebalancingQueuePool, ...)``;
+    every argument below can be passed to ``create_engine`` by name.
+
+    :param recycle_jitter: fraction in ``[0, 1)``. Each connection lives a
+      lifetime drawn uniformly in ``[pool_recycle * (1 - jitter), pool_recycle]``
+      seconds. Default 0.2 when ``pool_recycle`` is set; giving it without
+      ``pool_recycle`` is an error.
+    :param min_size: connections to open in the background at start and to
+      keep open (default 0, like ``QueuePool``).
+    :param max_idle: seconds; idle connections above ``min_size`` that were
+      not needed for this long are closed (default None: never, like
+      ``QueuePool``).
+    :param pool_name: name used in stats, logs and cluster-wide commands
+      (default ``"default"``).
+    """
+
+    _is_asyncio = False
+
+    #: Reasons accepted by :meth:`recycle`.
+    recycle_reasons: ClassVar[tuple[str, ...]] = RETIREMENT_REASONS
+
+    def __init__(
+        self,
+        creator: Any,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        timeout: float = 30.0,
+        use_lifo: bool = False,
+        recycle_jitter: float | None = None,
+        min_size: int = 0,
+        max_idle: float | None = None,
+        pool_name: str | None = None,
+        **kw: Any,
+    ) -> None:
+        recreated = kw.pop("_recreated", False)
+        self._config = PoolConfig.build(
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            timeout=timeout,
+            recycle=kw.get("recycle", -1),
+            recycle_jitter=recycle_jitter,
+            min_size=min_size,
+            max_idle=max_idle,
+            pool_name=pool_name,
+        )
+        super().__init__(
+            creator,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            timeout=timeout,
+            use_lifo=use_lifo,
+            **kw,
+        )
+        self._counters = Counters()
+        #: Every open connection we manage, by record.
+        self._states: dict[ConnectionPoolEntry, ConnState] = {}
+        #: Checked-out records to retire at checkin, with the reason.
+        self._doomed: dict[ConnectionPoolEntry, str] = {}
+        #: Open connections waiting to take the place of a doomed one.
+        self._spares: list[ConnectionPoolEntry] = []
+        #: Doomed records handed over by checkin: (record, reason, slot_empty).
+        self._retiring: deque[tuple[ConnectionPoolEntry, str, bool]] = deque()
+        self._lead = replacement_lead(self._config.recycle) if self._config.recycle > 0 else 0.0
+        self._next_due = 0.0
+        self._disposed = False
+        self._disposing = False
+        self._maint_token: object = None
+        self._async_inflight = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._idle_window_start = time.time()
+        self._idle_window_min: int | None = None
+        _sa.wrap_creator(self, self._connect)
+        # Prefill at once for a new engine; a pool made by recreate() (that
+        # is, by Engine.dispose(), often called at shutdown) waits for its
+        # first connection before opening min_size more.
+        if self._config.min_size > 0 and not recreated:
+            get_worker().register(self)
+
+    # -- configuration -----------------------------------------------------
+    @property
+    def config(self) -> PoolConfig:
+        """The validated settings of this pool."""
+        return self._config
+
+    @property
+    def pool_name(self) -> str:
+        return self._config.pool_name
+
+    def recreate(self) -> RebalancingQueuePool:
+        """Called by ``Engine.dispose()``: a new, empty pool with the same settings."""
+        self.logger.info("Pool recreating")
+        c = self._config
+        return self.__class__(
+            self._creator,
+            recycle_jitter=c.recycle_jitter_arg,
+            min_size=c.min_size,
+            max_idle=c.max_idle,
+            pool_name=c.pool_name_arg,
+            _recreated=True,
+            **_sa.recreate_kwargs(self),
+        )
+
+    # -- connect hook (runs in whichever thread opens the connection) --------
+    def _token(self) -> object:
+        if self._is_asyncio and _getcurrent is not None:
+            return _getcurrent()
+        return threading.get_ident()
+
+    def _connect(
+        self,
+        original: Callable[[ConnectionPoolEntry], DBAPIConnection],
+        rec: ConnectionPoolEntry,
+    ) -> DBAPIConnection:
+        background = self._maint_token is not None and self._maint_token == self._token()
+        try:
+            dbapi_connection = original(rec)
+        except BaseException:
+            self._counters.connect_failed()
+            raise
+        cfg = self._config
+        started = _sa.starttime(rec)
+        deadline = None
+        if cfg.recycle > 0:
+            deadline = started + draw_lifetime(cfg.recycle, cfg.recycle_jitter)
+            _sa.set_starttime(rec, _sa.clamp_starttime(self, rec, deadline - cfg.recycle))
+        state = ConnState(
+            self, dbapi_connection, _describe_host(dbapi_connection), started, deadline
+        )
+        rec.info[INFO_KEY] = state
+        self._states[rec] = state
+        self._counters.connected(background)
+        if self._is_asyncio and self._loop is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: not async after all
+                self._loop = asyncio.get_running_loop()
+        worker = get_worker()
+        if not self._disposed and not worker.is_registered(self):
+            worker.register(self)
+        else:
+            worker.ensure_running()
+        if signals.connection_opened.receivers:
+            signals.connection_opened.send(self, host=state.host, background=background)
+        return dbapi_connection
+
+    # -- checkin: the only hot-path override ---------------------------------
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        if record in self._doomed:
+            self._retire_at_checkin(record)
+        else:
+            _sa.queue_pool_return(self, record)
+
+    def _retire_at_checkin(self, record: ConnectionPoolEntry) -> None:
+        # May run in a garbage-collector callback: no blocking, no plain Lock,
+        # no I/O. The worker closes the old connection.
+        reason = self._doomed.pop(record, None)
+        if reason is None:  # unmarked meanwhile (pinned)
+            _sa.queue_pool_return(self, record)
+            return
+        try:
+            spare = self._spares.pop()
+        except IndexError:
+            spare = None
+        if spare is not None:
+            _sa.queue_pool_return(self, spare)
+        self._retiring.append((record, reason, spare is None))
+        self._next_due = 0.0
+        get_worker().poke()
+
+    # -- public operations ---------------------------------------------------
+    def recycle(self, host: str | None = None, spread: float = 0.0, reason: str = MANUAL) -> int:
+        """Gracefully replace the pool's connections; return how many were marked.
+
+        Idle connections are replaced in the background, each at a moment
+        drawn uniformly in ``[now, now + spread]`` seconds; connections in use
+        are closed at checkin once their moment has come, never while in
+        use. Pinned connections are left alone. ``host`` limits the recycle
+        to the connections of one host (as shown in :meth:`stats`).
+        """
+        if spread < 0:
+            raise ValueError("spread must be >= 0 seconds")
+        if reason not in RETIREMENT_REASONS:
+            raise ValueError(f"reason must be one of {', '.join(RETIREMENT_REASONS)}")
+        now = time.time()
+        marked = 0
+        for state in list(self._states.values()):
+            if state.closed or state.pinned or state.connected_at > now:
+                continue
+            if host is not None and state.host != host:
+                continue
+            at = now + random.uniform(0.0, spread) if spread > 0 else now
+            if state.retire_at is None or at < state.retire_at:
+                state.retire_at = at
+                state.retire_reason = reason
+            marked += 1
+        if signals.recycle_requested.receivers:
+            signals.recycle_requested.send(self, host=host, spread=spread, reason=reason)
+        log.info(
+            "pool %s: recycle requested (%s) of %d connections%s over %.1fs",
+            self.pool_name,
+            reason,
+            marked,
+            f" on {host}" if host else "",
+            spread,
+        )
+        if marked:
+            self._next_due = 0.0
+            worker = get_worker()
+            if not self._disposed and not worker.is_registered(self):
+                worker.register(self)
+            worker.poke()
+        return marked
+
+    def stats(self) -> PoolStats:
+        """A consistent-enough snapshot of the pool (cheap; not on the checkout path)."""
+        idle = {id(r) for r in _sa.idle_records(self)}
+        per_host: dict[str, dict[str, int]] = {}
+        pinned = 0
+        for rec, state in list(self._states.items()):
+            if state.closed or rec.dbapi_connection is None:
+                continue
+            h = per_host.setdefault(state.host, {"open": 0, "idle": 0, "in_use": 0})
+            h["open"] += 1
+            if rec.in_use:
+                h["in_use"] += 1
+            elif id(rec) in idle:
+                h["idle"] += 1
+            pinned += state.pinned
+        # Spares count as open (they are connected) but neither idle nor in use.
+        spares = len(self._spares)
+        c = self._counters
+        cfg = self._config
+        return PoolStats(
+            pool_name=cfg.pool_name,
+            pool_size=cfg.pool_size,
+            max_overflow=cfg.max_overflow,
+            recycle=cfg.recycle,
+            recycle_jitter=cfg.recycle_jitter,
+            min_size=cfg.min_size,
+            max_idle=cfg.max_idle,
+            open=sum(h["open"] for h in per_host.values()),
+            idle=sum(h["idle"] for h in per_host.values()),
+            in_use=sum(h["in_use"] for h in per_host.values()),
+            pinned=pinned,
+            spares=spares,
+            connects=c.connects,
+            connect_failures=c.connect_failures,
+            checkouts_waited=c.connects - c.connects_background,
+            retirements=dict(c.retirements),
+            hosts={
+                host: HostStats(host=host, open=h["open"], idle=h["idle"], in_use=h["in_use"])
+                for host, h in per_host.items()
+            },
+        )
+
+    def dispose(self) -> None:
+        """Close idle connections and spares, and stop maintenance of this pool.
+
+        Checked-out connections are left alone (as with ``QueuePool``); they
+        are closed when returned.
+        """
+        self._disposed = True
+        get_worker().unregister(self)
+        self._disposing = True
+        try:
+            super().dispose()
+            self._doomed.clear()
+            while self._spares:
+                self._close(self._spares.pop(), DISPOSE)
+            while self._retiring:
+                rec, _reason, _slot_empty = self._retiring.popleft()
+                self._close(rec, DISPOSE)
+        finally:
+            self._disposing = False
+
+    # -- maintenance (runs in the worker thread, or in the event loop) --------
+    def _run_maintenance(self) -> None:
+        """Called by the worker when ``_next_due`` has come."""
+        if not self._is_asyncio:
+            self._next_due = self._maintain()
+            return
+        # An asyncio driver can only be used from its event loop: run the
+        # pass there, as a greenlet, like SQLAlchemy's own async engine does.
+        loop = self._loop
+        now = time.time()
+        self._next_due = now + MAX_SLEEP
+        if loop is None or loop.is_closed() or self._async_inflight:
+            return
+        self._async_inflight = True
+
+        async def run() -> None:
+            try:
+                self._next_due = await _sa.greenlet_spawn(self._maintain)
+            finally:
+                self._async_inflight = False
+                get_worker().poke()
+
+        try:
+            asyncio.run_coroutine_threadsafe(run(), loop)
+        except RuntimeError:  # loop closed between the check and the call
+            self._async_inflight = False
+
+    def _maintain(self) -> float:
+        """One maintenance pass; returns when the next one is due."""
+        now = time.time()
+        if self._disposed:
+            return now + MAX_SLEEP
+        self._maint_token = self._token()
+        try:
+            return self._maintain_pass(now)
+        finally:
+            self._maint_token = None
+
+    def _maintain_pass(self, now: float) -> float:
+        next_due = now + MAX_SLEEP
+        retired: dict[str, int] = {}
+
+        # 1. Connections handed over by checkin.
+        while self._retiring:
+            rec, reason, slot_empty = self._retiring.popleft()
+            self._close(rec, reason)
+            retired[reason] = retired.get(reason, 0) + 1
+            if slot_empty:
+                self._refill_slot(rec)
+
+        idle = _sa.idle_records(self)
+        for rec in idle:
+            if rec.dbapi_connection is None:
+                # Invalidated and closed (a disconnect error): reconnect it
+                # here rather than inside the next checkout.
+                self._replace_idle(rec, ERROR, now)
+        idle_ids = {id(r) for r in idle}
+        retiring = {item[0] for item in self._retiring}
+        lead = self._lead
+        due_in_use: list[tuple[ConnectionPoolEntry, str]] = []
+        for rec, state in list(self._states.items()):
+            if state.closed or rec.dbapi_connection is not state.dbapi:
+                # Closed, reconnected or detached behind our back.
+                if self._states.get(rec) is state:
+                    del self._states[rec]
+                continue
+            if state.pinned:
+                self._shield(rec)
+                continue
+            if rec in retiring:
+                continue
+            is_idle = id(rec) in idle_ids
+            state.idle_since = (state.idle_since or now) if is_idle else None
+            if is_idle and _sa.is_invalidated(self, rec):
+                # SQLAlchemy would reconnect it inside the next checkout.
+                if self._replace_idle(rec, ERROR, now):
+                    retired[ERROR] = retired.get(ERROR, 0) + 1
+                continue
+            due = state.due(lead)
+            if due is None:
+                continue
+            at, reason = due
+            if at > now:
+                next_due = min(next_due, at)
+                continue
+            if is_idle:
+                if self._replace_idle(rec, reason, now):
+                    retired[reason] = retired.get(reason, 0) + 1
+                else:
+                    next_due = min(next_due, self._retry_at)
+            elif rec.in_use and rec not in self._doomed:
+                due_in_use.append((rec, reason))
+
+        # 2. In-use connections that are due: open a spare first, then mark
+        #    them, so that their checkin never leaves the pool a slot short.
+        for rec, reason in due_in_use:
+            if len(self._spares) <= len(self._doomed) and (
+                len(self._spares) >= self._spare_cap() or not self._open_spare(now)
+            ):
+                next_due = min(next_due, max(self._retry_at, now + 0.05))
+                break
+            self._doomed[rec] = reason
+        self._trim_spares()
+
+        # 3. Keep min_size open; close what stayed idle past max_idle.
+        self._prefill(now)
+        self._shrink_idle(now, retired)
+        if self._config.max_idle is not None:
+            next_due = min(next_due, now + min(MAX_SLEEP, self._config.max_idle / 4))
+
+        if retired:
+            log.info(
+                "pool %s: retired %d connections (%s)",
+                self.pool_name,
+                sum(retired.values()),
+                ", ".join(f"{k}={v}" for k, v in sorted(retired.items())),
+            )
+        return next_due
+
+    def _spare_cap(self) -> int:
+        return max(2, self._config.pool_size // 4)
+
+    def _open(self, now: float) -> ConnectionPoolEntry | None:
+        """Open a connection in the background; None (with backoff) on failure."""
+        if now < self._retry_at:
+            return None
+        try:
+            rec = _sa.create_record(self)
+        except Exception as err:
+            self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
+            self._retry_at = time.time() + random.uniform(0, self._backoff)
+            log.warning(
+                "pool %s: background connect failed (%s); retrying in up to %.1fs",
+                self.pool_name,
+                err,
+                self._backoff,
+            )
+            return None
+        self._backoff = 0.0
+        if self._disposed:
+            self._close(rec, DISPOSE)
+            return None
+        return rec
+
+    def _open_spare(self, now: float) -> bool:
+        rec = self._open(now)
+        if rec is None:
+            return False
+        self._spares.append(rec)
+        return True
+
+    def _trim_spares(self) -> None:
+        # Spares beyond the marked connections (those pinned or closed
+        # meanwhile) are not kept open for nothing.
+        while len(self._spares) > len(self._doomed):
+            try:
+                spare = self._spares.pop()
+            except IndexError:
+                break
+            self._close(spare, IDLE)
+
+    def _replace_idle(self, old: ConnectionPoolEntry, reason: str, now: float) -> bool:
+        """Swap a fresh connection into ``old``'s queue slot, then close ``old``."""
+        try:
+            new = self._spares.pop() if len(self._spares) > len(self._doomed) else None
+        except IndexError:
+            new = None
+        if new is None:
+            new = self._open(now)
+            if new is None:
+                return False
+        if _sa.swap_idle(self, old, new):
+            self._doomed.pop(old, None)
+            self._close(old, reason)
+            if self._disposed and _sa.remove_idle(self, new):
+                self._close(new, DISPOSE)
+            return True
+        # Checked out meanwhile: keep the new one as its spare.
+        self._spares.append(new)
+        if old.in_use:
+            self._doomed.setdefault(old, reason)
+        return False
+
+    def _refill_slot(self, old: ConnectionPoolEntry) -> None:
+        """A doomed record was checked in with no spare ready: fill its slot."""
+        new = self._open(time.time())
+        # If no connection could be opened, return the (closed) record itself:
+        # the slot is kept and the next checkout reconnects it, as QueuePool would.
+        _sa.queue_pool_return(self, new if new is not None else old)
+
+    def _prefill(self, now: float) -> None:
+        want = self._config.min_size
+        while self.size() + _sa.overflow(self) < want and not self._disposed:
+            if not _sa.inc_overflow(self):
+                return
+            rec = self._open(now)
+            if rec is None:
+                _sa.dec_overflow(self)
+                return
+            _sa.queue_pool_return(self, rec)
+
+    def _shrink_idle(self, now: float, retired: dict[str, int]) -> None:
+        """Close connections that were idle for ``max_idle`` (down to ``min_size``).
+
+        Like psycopg_pool's ShrinkPool: over each ``max_idle`` window, the
+        minimum number of idle connections seen is how many were never
+        needed; that many (at most) are closed.
+        """
+        max_idle = self._config.max_idle
+        if max_idle is None:
+            return
+        idle = [r for r in _sa.idle_records(self) if r in self._states]
+        n_idle = len(idle)
+        self._idle_window_min = (
+            n_idle if self._idle_window_min is None else min(self._idle_window_min, n_idle)
+        )
+        if now - self._idle_window_start < max_idle:
+            return
+        surplus = min(
+            self._idle_window_min, self.size() + _sa.overflow(self) - self._config.min_size
+        )
+        self._idle_window_start = now
+        self._idle_window_min = None
+        if surplus <= 0:
+            return
+        # Close those idle the longest.
+        since = {id(r): getattr(self._states.get(r), "idle_since", None) or now for r in idle}
+        idle.sort(key=lambda r: since[id(r)])
+        for rec in idle[:surplus]:
+            state = self._states.get(rec)
+            if state is None or state.pinned or now - since[id(rec)] < max_idle:
+                continue
+            if _sa.remove_idle(self, rec):
+                self._close(rec, IDLE)
+                _sa.dec_overflow(self)
+                retired[IDLE] = retired.get(IDLE, 0) + 1
+
+    def _close(self, rec: ConnectionPoolEntry, reason: str) -> None:
+        state = rec.info.get(INFO_KEY)
+        if isinstance(state, ConnState) and state.reason is None:
+            state.reason = reason
+        rec.close()
+
+    def _shield(self, rec: ConnectionPoolEntry) -> None:
+        """Keep SQLAlchemy's checkout-time recycle away from a pinned connection."""
+        if self._config.recycle > 0 and not _sa.is_invalidated(self, rec):
+            now = time.time()
+            if _sa.starttime(rec) < now - self._config.recycle / 2:
+                _sa.set_starttime(rec, now)
+
+    def _restore_deadline(self, rec: ConnectionPoolEntry, state: ConnState) -> None:
+        if state.deadline is not None and not _sa.is_invalidated(self, rec):
+            _sa.set_starttime(
+                rec, _sa.clamp_starttime(self, rec, state.deadline - self._config.recycle)
+            )
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: drop every reference to the parent's connections.
+
+        Their sockets are shared with the parent; closing them here would end
+        the parent's sessions. They stay usable by SQLAlchemy as before (the
+        usual advice applies: ``engine.dispose(close=False)`` in the child).
+        """
+        for state in self._states.values():
+            state.closed = True
+        self._states = {}
+        self._doomed = {}
+        self._spares = []
+        self._retiring = deque()
+        self._async_inflight = False
+        self._loop = None
+        self._next_due = 0.0
+
+    # -- close accounting (class-level pool events) ----------------------------
+    def _closed(self, rec: ConnectionPoolEntry, state: ConnState) -> None:
+        if state.closed:
+            return
+        state.closed = True
+        if self._states.get(rec) is state:
+            del self._states[rec]
+        reason = state.reason
+        if reason is None:
+            if self._disposing:
+                reason = DISPOSE
+            elif state.deadline is not None and time.time() >= state.deadline:
+                reason = LIFETIME  # SQLAlchemy's own check, inside a checkout
+            else:
+                reason = OVERFLOW  # QueuePool closing an overflow connection at checkin
+        self._counters.retired(reason)
+        if signals.connection_retired.receivers:
+            signals.connection_retired.send(
+                self, host=state.host, reason=reason, age=time.time() - state.connected_at
+            )
+
+
+def _state_of(rec: ConnectionPoolEntry) -> ConnState | None:
+    state = rec.info.get(INFO_KEY) if rec is not None else None
+    return state if isinstance(state, ConnState) else None
+
+
+@event.listens_for(RebalancingQueuePool, "close")
+def _on_close(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
+    state = _state_of(rec)
+    if state is not None and state.dbapi is dbapi_connection:
+        pool = state.pool_ref()
+        if pool is not None:
+            pool._closed(rec, state)
+
+
+@event.listens_for(RebalancingQueuePool, "invalidate")
+def _on_invalidate(dbapi_connection: Any, rec: ConnectionPoolEntry, exception: Any) -> None:
+    state = _state_of(rec)
+    if state is not None and state.reason is None:
+        state.reason = ERROR
+
+
+@event.listens_for(RebalancingQueuePool, "detach")
+def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
+    # The connection now belongs to the application; it is no longer ours.
+    state = _state_of(rec)
+    if state is not None:
+        state.closed = True
+        pool = state.pool_ref()
+        if pool is not None and pool._states.get(rec) is state:
+            del pool._states[rec]
+
+
+class AsyncRebalancingQueuePool(RebalancingQueuePool):
+    """The asyncio twin of :class:`RebalancingQueuePool`, for ``create_async_engine``.
+
+    Same arguments and behaviour. Background work runs in the event loop that
+    opened the pool's connections (an asyncio driver's connections cannot be
+    used from another thread), scheduled there by the maintenance worker.
+    """
+
+    _is_asyncio = True
+    _queue_class = sqla_queue.AsyncAdaptedQueue  # type: ignore[assignment]
+    _dialect = _AsyncConnDialect()

@@ -1,0 +1,42 @@
+"""Blinker signals sent by sqla-rebalance pools.
+
+Every signal's sender is the pool. Receivers run in the thread that caused
+the event (a checkout, a checkin, or the maintenance worker), so keep them
+short and never block in them.
+
+- ``connection_opened``: a new DBAPI connection was opened.
+  Keyword arguments: ``host``, ``background`` (True if the maintenance worker
+  opened it, False if a checkout had to wait for it).
+- ``connection_retired``: a connection was closed by the pool.
+  Keyword arguments: ``host``, ``reason`` (one of
+  :data:`sqla_rebalance.stats.RETIREMENT_REASONS`), ``age`` (seconds open).
+- ``host_up`` / ``host_down``: a host changed health. Keyword: ``host``.
+- ``hosts_changed``: the set of hosts changed. Keywords: ``added``, ``removed``.
+- ``recycle_requested``: ``pool.recycle()`` was called (locally or by a
+  cluster-wide command). Keywords: ``host``, ``spread``, ``reason``.
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+__all__ = [
+    "connection_opened",
+    "connection_retired",
+    "host_down",
+    "host_up",
+    "hosts_changed",
+    "namespace",
+    "recycle_requested",
+]
+
+namespace = Namespace()
+
+connection_opened = namespace.signal("connection-opened", doc="A new DBAPI connection was opened.")
+connection_retired = namespace.signal(
+    "connection-retired", doc="A pooled connection was closed by the pool, with a reason."
+)
+host_up = namespace.signal("host-up", doc="A host became healthy.")
+host_down = namespace.signal("host-down", doc="A host was marked down.")
+hosts_changed = namespace.signal("hosts-changed", doc="The set of hosts changed.")
+recycle_requested = namespace.signal("recycle-requested", doc="A recycle was requested.")

@@ -1,0 +1,138 @@
+"""Pool statistics: named counters and a snapshot type with ``as_dict()``."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "RETIREMENT_REASONS",
+    "BusStats",
+    "Counters",
+    "HostStats",
+    "PoolStats",
+]
+
+# Why a connection was closed by the pool. The first eight are the reasons of
+# the public contract; ``overflow`` (an overflow connection returned to a full
+# pool, plain QueuePool behaviour) and ``dispose`` (pool disposed) complete
+# the picture so that every close is accounted for.
+LIFETIME = "lifetime"
+IDLE = "idle"
+SIGNAL = "signal"
+REBALANCE = "rebalance"
+HOST_REMOVED = "host_removed"
+HOST_DOWN = "host_down"
+ERROR = "error"
+MANUAL = "manual"
+OVERFLOW = "overflow"
+DISPOSE = "dispose"
+
+RETIREMENT_REASONS: tuple[str, ...] = (
+    LIFETIME,
+    IDLE,
+    SIGNAL,
+    REBALANCE,
+    HOST_REMOVED,
+    HOST_DOWN,
+    ERROR,
+    MANUAL,
+    OVERFLOW,
+    DISPOSE,
+)
+
+
+class Counters:
+    """Monotonic counters of one pool.
+
+    Updated on connect and close only, never on a plain checkout. The lock is
+    an ``RLock`` because a close can run inside a garbage-collector callback
+    in a thread that is already updating a counter; a plain ``Lock`` would
+    deadlock there.
+    """
+
+    __slots__ = (
+        "_lock",
+        "connect_failures",
+        "connects",
+        "connects_background",
+        "retirements",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.connects = 0
+        self.connects_background = 0
+        self.connect_failures = 0
+        self.retirements: dict[str, int] = dict.fromkeys(RETIREMENT_REASONS, 0)
+
+    def connected(self, background: bool) -> None:
+        with self._lock:
+            self.connects += 1
+            if background:
+                self.connects_background += 1
+
+    def connect_failed(self) -> None:
+        with self._lock:
+            self.connect_failures += 1
+
+    def retired(self, reason: str) -> None:
+        with self._lock:
+            self.retirements[reason] = self.retirements.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class HostStats:
+    """Connections of one pool to one host."""
+
+    host: str
+    open: int = 0
+    idle: int = 0
+    in_use: int = 0
+    healthy: bool = True
+    role: str = "unknown"
+    tier: int = 0
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class BusStats:
+    """Cluster-wide command bus figures (zero until a bus is configured)."""
+
+    generation_applied: int = 0
+    messages_accepted: int = 0
+    messages_rejected: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of one pool, as returned by ``pool.stats()``.
+
+    ``checkouts_waited`` counts checkouts that had to open a connection
+    themselves (the connect time was paid inside the request); the
+    maintenance worker exists to keep it at zero after warm-up.
+    """
+
+    pool_name: str
+    pool_size: int
+    max_overflow: int
+    recycle: float
+    recycle_jitter: float
+    min_size: int
+    max_idle: float | None
+    open: int
+    idle: int
+    in_use: int
+    pinned: int
+    spares: int
+    connects: int
+    connect_failures: int
+    checkouts_waited: int
+    retirements: dict[str, int]
+    hosts: dict[str, HostStats] = field(default_factory=dict)
+    bus: BusStats = field(default_factory=BusStats)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable data."""
+        return asdict(self)

@@ -1,0 +1,167 @@
+"""The maintenance worker: one daemon thread per process, serving every pool.
+
+Pools are held by weak reference, so the worker never keeps a pool (or its
+engine) alive; the thread exits as soon as no pool is registered and starts
+again on demand. After ``fork()`` the child starts with no thread and a fresh
+inbox: a thread cannot be inherited, and the child must never touch the
+parent's sockets (see ``RebalancingQueuePool._forget_inherited``).
+
+The inbox is a ``queue.SimpleQueue`` because ``put()`` on it is reentrant:
+it is called from the checkin path, which may run inside a garbage-collector
+callback, where taking a plain ``Lock`` could deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from typing import Protocol
+
+__all__ = ["MAX_SLEEP", "MaintenanceWorker", "get_worker"]
+
+log = logging.getLogger("sqla_rebalance.worker")
+
+#: The worker looks at every pool at least this often (seconds).
+MAX_SLEEP = 1.0
+
+
+class Maintained(Protocol):
+    """What the worker needs of a pool."""
+
+    _next_due: float
+
+    def _run_maintenance(self) -> None: ...
+
+
+class MaintenanceWorker:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[int, weakref.ref[Maintained]] = {}
+        self._inbox: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+
+    # -- registration (never called from a GC callback) ---------------------
+    def register(self, pool: Maintained) -> None:
+        key = id(pool)
+        with self._lock:
+            if key not in self._pools:
+                self._pools[key] = self._ref(key, pool)
+            self._start_locked()
+        self.poke()
+
+    def unregister(self, pool: Maintained) -> None:
+        with self._lock:
+            ref = self._pools.get(id(pool))
+            if ref is not None and ref() is pool:
+                del self._pools[id(pool)]
+        self.poke()
+
+    def _ref(self, key: int, pool: Maintained) -> weakref.ref[Maintained]:
+        def forget(ref: weakref.ref[Maintained]) -> None:
+            self._forget(key, ref)
+
+        return weakref.ref(pool, forget)
+
+    def _forget(self, key: int, ref: weakref.ref[Maintained]) -> None:
+        # Weakref callback: may run in any thread at any time, so no lock
+        # here; dict.pop is atomic, and the loop tolerates a dead ref anyway.
+        if self._pools.get(key) is ref:
+            self._pools.pop(key, None)
+        self.poke()
+
+    def is_registered(self, pool: Maintained) -> bool:
+        ref = self._pools.get(id(pool))
+        return ref is not None and ref() is pool
+
+    def ensure_running(self) -> None:
+        """Start the thread if pools are registered but none runs (after fork)."""
+        if self._thread is None and self._pools:
+            with self._lock:
+                self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None and self._pools:
+            self._thread = threading.Thread(
+                target=self._run, name="sqla-rebalance-worker", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def poke(self) -> None:
+        """Wake the worker now (safe from any thread and from GC callbacks)."""
+        self._inbox.put(None)
+
+    # -- the loop -------------------------------------------------------------
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                if self._thread is not me:  # replaced after fork; never here in practice
+                    return
+                refs = list(self._pools.values())
+                if not refs:
+                    self._thread = None
+                    return
+            now = time.time()
+            wake = now + MAX_SLEEP
+            for ref in refs:
+                pool = ref()
+                if pool is None:
+                    continue
+                if pool._next_due <= now:
+                    try:
+                        pool._run_maintenance()
+                    except Exception:  # the loop must survive any pool's failure
+                        log.exception("maintenance of %r failed", pool)
+                        pool._next_due = time.time() + MAX_SLEEP
+                wake = min(wake, pool._next_due)
+                del pool  # hold no strong reference while sleeping
+            self.passes += 1
+            timeout = wake - time.time()
+            if timeout > 0:
+                with contextlib.suppress(queue.Empty):
+                    self._inbox.get(timeout=timeout)
+            # Coalesce every poke received meanwhile into this one pass.
+            while True:
+                try:
+                    self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+
+
+_worker = MaintenanceWorker()
+_pid = os.getpid()
+
+
+def get_worker() -> MaintenanceWorker:
+    return _worker
+
+
+def _after_fork_in_child() -> None:
+    global _worker, _pid
+    parent = _worker
+    _worker = child = MaintenanceWorker()
+    _pid = os.getpid()
+    # Pools survive into the child; they must forget the parent's connections
+    # and are re-registered with the child's worker, whose thread starts lazily
+    # on the pool's next connect or public call.
+    for key, ref in list(parent._pools.items()):
+        pool = ref()
+        if pool is not None:
+            forget = getattr(pool, "_forget_inherited", None)
+            if forget is not None:
+                forget()
+            child._pools[key] = child._ref(key, pool)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,42 @@
+"""Test helpers: a controllable clock and a way to drive maintenance by hand."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sqla_rebalance.worker import MaintenanceWorker
+
+
+class FakeClock:
+    """Replaces ``time.time`` for SQLAlchemy and sqla-rebalance alike."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def manual_maintenance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep pools out of the background worker so a test drives ``_maintain()`` itself."""
+    monkeypatch.setattr(MaintenanceWorker, "register", lambda self, pool: None)
+    monkeypatch.setattr(MaintenanceWorker, "is_registered", lambda self, pool: True)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)

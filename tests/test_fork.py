@@ -1,0 +1,55 @@
+"""Fork safety: the child gets its own worker and never touches the parent's connections."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from sqla_rebalance import RebalancingQueuePool
+from sqla_rebalance.worker import get_worker
+
+from .helpers import wait_for
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def test_child_restarts_worker_lazily_and_leaves_parent_connections_alone(tmp_path):
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/f.db",
+        poolclass=RebalancingQueuePool,
+        pool_size=3,
+        min_size=2,
+        pool_recycle=3600,
+    )
+    pool = engine.pool
+    wait_for(lambda: pool.checkedin() == 2)
+    parent_conns = {id(r.dbapi_connection) for r in pool._states}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report, then exit without running pytest's teardown
+        code = 1
+        try:
+            ok = get_worker().thread is None  # no thread inherited
+            ok &= pool._states == {} and pool._spares == []  # parent's connections forgotten
+            pool.recycle()  # must not touch them either
+            engine.dispose(close=False)  # SQLAlchemy's advice for a child
+            with engine.connect() as conn:
+                ok &= conn.execute(text("select 1")).scalar() == 1
+            ok &= get_worker().thread is not None  # restarted on first use
+            os.write(write, b"ok" if ok else b"bad")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 10) == b"ok"
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's pool still has its own two connections, untouched.
+    assert {id(r.dbapi_connection) for r in pool._states} == parent_conns
+    with engine.connect() as conn:
+        assert conn.execute(text("select 1")).scalar() == 1
+    engine.dispose()
+    sys.stdout.flush()

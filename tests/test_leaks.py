@@ -1,0 +1,53 @@
+"""Nothing leaks: engines created and disposed leave threads and file descriptors at baseline."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+from sqlalchemy import create_engine, text
+
+from sqla_rebalance import RebalancingQueuePool
+from sqla_rebalance.worker import get_worker
+
+from .helpers import wait_for
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def settle() -> bool:
+    gc.collect()
+    return get_worker().thread is None
+
+
+def test_thousand_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
+    url = f"sqlite:///{tmp_path}/leak.db"
+    wait_for(settle)
+    threads, fds = threading.active_count(), open_fds()
+    for i in range(1000):
+        engine = create_engine(
+            url,
+            poolclass=RebalancingQueuePool,
+            pool_size=2,
+            pool_recycle=60,
+            min_size=1 if i % 2 else 0,
+        )
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        assert get_worker().thread is not None  # the worker serves the pool...
+        engine.dispose()
+        del engine, conn
+    wait_for(settle)  # ...and stops once no pool is left
+    assert threading.active_count() == threads
+    assert open_fds() == fds
+
+
+def test_worker_holds_pools_weakly(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/w.db", poolclass=RebalancingQueuePool, min_size=1)
+    wait_for(lambda: engine.pool.checkedin() == 1)  # prefilled by the worker
+    assert get_worker().is_registered(engine.pool)
+    engine = None  # the only reference: the pool goes with it
+    wait_for(settle)

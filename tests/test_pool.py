@@ -1,0 +1,340 @@
+"""Pool behaviour on SQLite files, maintenance driven by hand with a fake clock.
+
+These tests are deterministic: no background thread and no sleeping; the
+clock moves only when a test says so. The same behaviours are exercised with
+the real worker against PostgreSQL in ``test_postgres.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from sqlalchemy import create_engine
+
+import sqla_rebalance
+from sqla_rebalance import RebalancingQueuePool, signals
+from sqla_rebalance.lifetime import INFO_KEY, draw_lifetime
+
+from .helpers import FakeClock, manual_maintenance
+
+R = 100.0  # pool_recycle used below (seconds of fake time)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(time, "time", clock)
+    manual_maintenance(monkeypatch)
+    random.seed(1234)
+    return clock
+
+
+@pytest.fixture
+def engine_factory(tmp_path):
+    engines = []
+
+    def make(**kw):
+        kw.setdefault("pool_size", 5)
+        kw.setdefault("max_overflow", 0)
+        engine = create_engine(f"sqlite:///{tmp_path}/t.db", poolclass=RebalancingQueuePool, **kw)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+def open_n(pool, n):
+    """Check out n connections at once and return them all (fills the pool)."""
+    conns = [pool.connect() for _ in range(n)]
+    for c in conns:
+        c.close()
+
+
+def dbapi_ids(pool):
+    return {id(r.dbapi_connection) for r in pool._states}
+
+
+def test_lifetimes_are_drawn_in_range():
+    rng = random.Random(7)
+    draws = [draw_lifetime(1800, 0.2, rng) for _ in range(20000)]
+    assert min(draws) >= 1800 * 0.8 and max(draws) <= 1800
+    # Uniform: each fifth of the interval gets about a fifth of the draws.
+    buckets = [0] * 5
+    for d in draws:
+        buckets[min(4, int((d - 1440) / 72))] += 1
+    assert all(3600 < b < 4400 for b in buckets), buckets
+    assert draw_lifetime(60, 0.0, rng) == 60
+
+
+def test_each_connection_gets_its_own_deadline_below_recycle(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
+    open_n(pool, 5)
+    states = list(pool._states.values())
+    deadlines = {s.deadline - s.connected_at for s in states}
+    assert len(deadlines) == 5
+    assert all(R * 0.5 <= d <= R for d in deadlines)
+    # SQLAlchemy's own check (now - starttime > recycle) fires at our deadline.
+    for rec, state in pool._states.items():
+        assert rec.starttime + R == pytest.approx(state.deadline)
+
+
+def test_idle_connections_are_replaced_before_their_deadline(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
+    open_n(pool, 5)
+    first = dbapi_ids(pool)
+    earliest = min(s.deadline for s in pool._states.values())
+    latest = max(s.deadline for s in pool._states.values())
+
+    clock.now = earliest - pool._lead - 0.001
+    pool._maintain()
+    assert dbapi_ids(pool) == first  # nothing due yet
+
+    clock.now = latest - pool._lead
+    pool._maintain()
+    assert dbapi_ids(pool).isdisjoint(first)  # every connection replaced...
+    stats = pool.stats()
+    assert stats.idle == 5 and stats.open == 5
+    assert stats.retirements["lifetime"] == 5
+    assert stats.checkouts_waited == 5  # ...by the worker: only warm-up waited
+
+    # No checkout pays a reconnect: checking all five out opens nothing.
+    open_n(pool, 5)
+    assert pool.stats().connects == 10
+
+
+def test_in_use_connection_is_retired_at_checkin_with_a_spare_ready(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.0).pool
+    conn = pool.connect()
+    rec = conn._connection_record
+    old_dbapi = rec.dbapi_connection
+    clock.advance(R)
+    pool._maintain()
+    # Still open while in use; a spare waits to take its place.
+    assert rec.dbapi_connection is old_dbapi
+    assert rec in pool._doomed and len(pool._spares) == 1
+    conn.close()  # checkin: the spare goes in, the old one goes to the worker
+    assert pool._spares == [] and len(pool._retiring) == 1
+    assert pool.checkedin() == 1
+    pool._maintain()
+    assert rec.dbapi_connection is None  # closed, off the request path
+    stats = pool.stats()
+    assert stats.retirements["lifetime"] == 1 and stats.open == 1 and stats.idle == 1
+    assert stats.checkouts_waited == 1
+
+
+def test_doomed_checkin_without_spare_refills_the_slot(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R).pool
+    conn = pool.connect()
+    rec = conn._connection_record
+    pool._doomed[rec] = "manual"  # as if marked while no spare could be opened
+    conn.close()
+    assert pool.checkedin() == 0  # slot empty until the worker refills it
+    pool._maintain()
+    assert pool.checkedin() == 1 and rec.dbapi_connection is None
+    assert pool.stats().retirements["manual"] == 1
+
+
+def test_sqlalchemy_check_is_the_safety_net_when_the_worker_is_late(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.0).pool
+    open_n(pool, 1)
+    clock.advance(R + 1)  # no maintenance pass ran
+    conn = pool.connect()  # SQLAlchemy recycles it inside this checkout
+    conn.close()
+    stats = pool.stats()
+    assert stats.retirements["lifetime"] == 1
+    assert stats.checkouts_waited == 2
+
+
+def test_recycle_is_graceful_and_spread(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R).pool
+    open_n(pool, 4)
+    in_use = pool.connect()
+    cursor = in_use.cursor()
+    cursor.execute("create table if not exists t (x int)")
+    cursor.execute("insert into t values (1)")  # an open transaction
+    received = []
+    signals.recycle_requested.connect(lambda sender, **kw: received.append(kw), weak=False)
+    try:
+        assert pool.recycle(spread=10.0) == 4
+    finally:
+        signals.recycle_requested.receivers.clear()
+    assert received == [{"host": None, "spread": 10.0, "reason": "manual"}]
+    retire_at = sorted(s.retire_at for s in pool._states.values())
+    assert retire_at[0] >= clock.now and retire_at[-1] <= clock.now + 10
+    assert len(set(retire_at)) == 4  # spread, not all at once
+
+    clock.advance(10)
+    pool._maintain()
+    stats = pool.stats()
+    assert stats.retirements["manual"] == 3  # the three idle ones
+    # The one in use was not touched: its transaction goes on and commits.
+    cursor.execute("insert into t values (2)")
+    in_use.commit()
+    in_use.close()
+    pool._maintain()
+    assert pool.stats().retirements["manual"] == 4
+    assert pool.stats().open == 4
+
+
+def test_recycle_by_host_touches_only_that_host(clock, engine_factory):
+    pool = engine_factory().pool
+    open_n(pool, 2)
+    assert pool.recycle(host="elsewhere:5432") == 0
+    assert pool.recycle(host="local") == 2
+
+
+def test_recycle_validates_its_arguments(clock, engine_factory):
+    pool = engine_factory().pool
+    with pytest.raises(ValueError, match="spread"):
+        pool.recycle(spread=-1)
+    with pytest.raises(ValueError, match="reason"):
+        pool.recycle(reason="because")
+
+
+def test_pinned_connection_is_exempt_from_every_recycle(clock, engine_factory):
+    engine = engine_factory(pool_recycle=R, recycle_jitter=0.0)
+    pool = engine.pool
+    with engine.connect() as conn:
+        sqla_rebalance.pin(conn)
+        assert sqla_rebalance.is_pinned(conn)
+        dbapi = conn.connection.dbapi_connection
+        pool.recycle()
+        for _ in range(5):  # far past its deadline, several passes
+            clock.advance(R)
+            pool._maintain()
+        assert conn.connection.dbapi_connection is dbapi
+    # Returned to the pool while pinned: still kept, even through checkouts.
+    clock.advance(R)
+    pool._maintain()
+    with engine.connect() as conn:
+        assert conn.connection.dbapi_connection is dbapi
+        sqla_rebalance.unpin(conn)
+    pool._maintain()
+    assert pool.stats().retirements["lifetime"] == 1
+    assert all(r.dbapi_connection is not dbapi for r in pool._states)
+
+
+def test_pin_rejects_foreign_connections(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/x.db")
+    with engine.connect() as conn, pytest.raises(sqla_rebalance.NotPooledError):
+        sqla_rebalance.pin(conn)
+    with pytest.raises(sqla_rebalance.NotPooledError):
+        sqla_rebalance.pin(object())
+
+
+def test_min_size_prefills_in_the_background(clock, engine_factory):
+    pool = engine_factory(min_size=3).pool
+    assert pool.checkedin() == 0
+    pool._maintain()
+    stats = pool.stats()
+    assert stats.idle == 3 and stats.checkouts_waited == 0
+    open_n(pool, 3)
+    assert pool.stats().connects == 3
+
+
+def test_max_idle_closes_unneeded_connections_down_to_min_size(clock, engine_factory):
+    pool = engine_factory(min_size=1, max_idle=60).pool
+    open_n(pool, 4)
+    pool._maintain()
+    for _ in range(7):
+        clock.advance(10)
+        pool._maintain()
+    stats = pool.stats()
+    assert stats.open == 1 and stats.retirements["idle"] == 3
+    assert pool.checkedin() + pool.checkedout() == 1
+
+
+def test_max_idle_keeps_connections_that_were_needed(clock, engine_factory):
+    pool = engine_factory(min_size=0, max_idle=60).pool
+    open_n(pool, 3)
+    for _ in range(7):
+        clock.advance(10)
+        held = [pool.connect() for _ in range(3)]  # all three busy at every pass
+        pool._maintain()
+        for c in held:
+            c.close()
+    assert pool.stats().retirements["idle"] == 0 and pool.stats().open == 3
+
+
+def test_invalidated_idle_connections_are_reconnected_in_the_background(clock, engine_factory):
+    pool = engine_factory().pool
+    open_n(pool, 3)
+    conn = pool.connect()
+    clock.advance(1)
+    pool._invalidate(conn)  # what a disconnect error does: all older ones are stale
+    conn.close()
+    clock.advance(1)
+    pool._maintain()
+    assert pool.stats().retirements["error"] >= 3
+    before = pool.stats().connects
+    open_n(pool, 3)
+    assert pool.stats().connects == before  # no checkout reconnected
+
+
+def test_starttime_shift_never_crosses_an_invalidation(clock, engine_factory):
+    """A connection opened right after a pool invalidation must not look invalidated
+    (that would reconnect at every checkout, forever)."""
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.9).pool
+    open_n(pool, 1)
+    conn = pool.connect()
+    clock.advance(1)
+    pool._invalidate(conn)
+    conn.close()
+    clock.advance(0.001)
+    for _ in range(3):
+        c = pool.connect()
+        c.close()
+    # One reconnect for the invalidation, then the connection is stable.
+    assert pool.stats().connects == 2
+    rec = next(iter(pool._states))
+    assert rec.starttime > pool._invalidate_time
+
+
+def test_stats_and_signals_report_retirements(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.0, pool_name="orders").pool
+    opened, retired = [], []
+    signals.connection_opened.connect(lambda s, **kw: opened.append((s, kw)), weak=False)
+    signals.connection_retired.connect(lambda s, **kw: retired.append((s, kw)), weak=False)
+    try:
+        open_n(pool, 2)
+        clock.advance(R)
+        pool._maintain()
+    finally:
+        signals.connection_opened.receivers.clear()
+        signals.connection_retired.receivers.clear()
+    assert [kw["background"] for _, kw in opened] == [False, False, True, True]
+    assert all(s is pool for s, _ in opened + retired)
+    assert [(kw["reason"], kw["host"]) for _, kw in retired] == [("lifetime", "local")] * 2
+    assert all(kw["age"] == pytest.approx(R) for _, kw in retired)
+    data = pool.stats().as_dict()
+    assert data["pool_name"] == "orders"
+    assert data["retirements"]["lifetime"] == 2
+    assert data["hosts"]["local"]["open"] == 2
+    import json
+
+    json.dumps(data)
+
+
+def test_state_lives_in_record_info(clock, engine_factory):
+    engine = engine_factory()
+    with engine.connect() as conn:
+        assert conn.connection.info[INFO_KEY].host == "local"
+
+
+def test_dispose_closes_idle_and_spares_but_not_in_use(clock, engine_factory):
+    engine = engine_factory(pool_recycle=R, recycle_jitter=0.0)
+    pool = engine.pool
+    open_n(pool, 3)
+    held = pool.connect()
+    clock.advance(R)
+    pool._maintain()
+    assert len(pool._spares) == 1
+    engine.dispose()
+    assert pool._spares == [] and pool.checkedin() == 0
+    assert held.dbapi_connection is not None  # in use: untouched
+    assert pool.stats().retirements["dispose"] >= 1
+    held.close()

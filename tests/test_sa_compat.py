@@ -1,0 +1,148 @@
+"""Every private SQLAlchemy attribute we rely on, checked on the installed release.
+
+CI runs this module under SQLAlchemy 2.0.x and 2.1.x (see tox.ini and
+.ci/run). If an upstream change moves one of these, this is what fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+import sqlalchemy
+from sqlalchemy import create_engine
+from sqlalchemy.pool import QueuePool
+
+from sqla_rebalance import _sa
+
+
+@pytest.fixture
+def pool(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/c.db", poolclass=QueuePool, pool_size=3)
+    yield engine.pool
+    engine.dispose()
+
+
+def test_supported_release():
+    assert sqlalchemy.__version__.startswith(("2.0.", "2.1."))
+
+
+def test_idle_queue_access_swap_and_remove(pool):
+    a, b = pool.connect(), pool.connect()
+    rec_a, rec_b = a._connection_record, b._connection_record
+    a.close()
+    b.close()
+    assert _sa.idle_records(pool) == [rec_a, rec_b]
+    new = _sa.create_record(pool)
+    assert new.dbapi_connection is not None and not new.in_use
+    assert _sa.swap_idle(pool, rec_a, new)
+    assert _sa.idle_records(pool) == [new, rec_b]
+    assert not _sa.swap_idle(pool, rec_a, new)  # no longer there
+    assert _sa.remove_idle(pool, rec_b) and not _sa.remove_idle(pool, rec_b)
+    assert pool.checkedin() == 1
+    # What stays in the queue is handed out as usual.
+    c = pool.connect()
+    assert c._connection_record is new
+    c.close()
+    rec_a.close()
+    rec_b.close()
+
+
+def test_record_of_connection_and_proxy(tmp_path, pool):
+    engine = create_engine(f"sqlite:///{tmp_path}/d.db")
+    with engine.connect() as conn:
+        rec = _sa.record_of(conn)
+        assert _sa.record_of(conn.connection) is rec
+        assert _sa.pool_of(rec) is engine.pool
+    with pytest.raises(TypeError):
+        _sa.record_of(object())
+
+
+def test_starttime_drives_sqlalchemy_recycle(pool, monkeypatch):
+    pool._recycle = 100
+    c = pool.connect()
+    rec = c._connection_record
+    c.close()
+    dbapi = rec.dbapi_connection
+    _sa.set_starttime(rec, time.time() - 99)
+    c = pool.connect()
+    assert c.dbapi_connection is dbapi  # not yet
+    c.close()
+    _sa.set_starttime(rec, time.time() - 101)
+    assert _sa.starttime(rec) < time.time() - 100
+    c = pool.connect()
+    assert c.dbapi_connection is not dbapi  # recycled by SQLAlchemy's own check
+    c.close()
+
+
+def test_clamp_starttime_respects_invalidation_marks(pool):
+    c = pool.connect()
+    rec = c._connection_record
+    pool._invalidate_time = 1000.0
+    assert _sa.clamp_starttime(pool, rec, 500.0) == math.nextafter(1000.0, math.inf)
+    assert _sa.clamp_starttime(pool, rec, 2000.0) == 2000.0
+    rec._soft_invalidate_time = 3000.0
+    assert _sa.clamp_starttime(pool, rec, 2000.0) > 3000.0
+    _sa.set_starttime(rec, _sa.clamp_starttime(pool, rec, 2000.0))
+    assert not _sa.is_invalidated(pool, rec)
+    pool._invalidate_time = _sa.starttime(rec) + 1
+    assert _sa.is_invalidated(pool, rec)
+    c.close()
+
+
+def test_wrap_creator_sees_record_after_starttime_is_set(pool):
+    seen = []
+
+    def wrapper(original, rec):
+        seen.append(rec.starttime)
+        return original(rec)
+
+    _sa.wrap_creator(pool, wrapper)
+    before = time.time()
+    c = pool.connect()
+    assert seen and seen[0] >= before
+    c.close()
+
+
+def test_overflow_accounting(pool):
+    assert _sa.overflow(pool) == -3 and _sa.max_overflow(pool) == 10
+    assert _sa.inc_overflow(pool)
+    assert _sa.overflow(pool) == -2
+    _sa.dec_overflow(pool)
+    assert _sa.overflow(pool) == -3
+    assert not _sa.use_lifo(pool)
+
+
+def test_recreate_kwargs_build_an_equivalent_pool(pool):
+    kw = _sa.recreate_kwargs(pool)
+    new = QueuePool(pool._creator, **kw)
+    assert new.size() == pool.size() and new.timeout() == pool.timeout()
+
+
+def test_queue_pool_return_is_queuepool_checkin(pool):
+    rec = _sa.create_record(pool)
+    _sa.queue_pool_return(pool, rec)
+    assert _sa.idle_records(pool) == [rec]
+    rec.close()
+
+
+def test_async_queue_internals():
+    from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+    async def main():
+        pool = AsyncAdaptedQueuePool(lambda: object(), pool_size=2)
+        a = _sa.create_record(pool)
+        b = _sa.create_record(pool)
+        pool._pool.put(a, False)
+        assert _sa.idle_records(pool) == [a]
+        assert _sa.swap_idle(pool, a, b)
+        assert _sa.idle_records(pool) == [b]
+        assert _sa.remove_idle(pool, b) and pool._pool.qsize() == 0
+
+    asyncio.run(main())
+
+
+def test_greenlet_spawn_is_importable():
+    assert callable(_sa.greenlet_spawn)

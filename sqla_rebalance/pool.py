@@ -221,10 +221,13 @@ class RebalancingQueuePool(QueuePool):
         rec.info[INFO_KEY] = state
         self._states[rec] = state
         self._counters.connected(background)
+        worker = get_worker()
         if self._is_asyncio and self._loop is None:
             with contextlib.suppress(RuntimeError):  # no running loop: not async after all
                 self._loop = asyncio.get_running_loop()
-        worker = get_worker()
+                # Maintenance could not run before the loop was known.
+                self._next_due = 0.0
+                worker.poke()
         if not self._disposed and not worker.is_registered(self):
             worker.register(self)
         else:
@@ -472,6 +475,11 @@ class RebalancingQueuePool(QueuePool):
         self._shrink_idle(now, retired)
         if self._config.max_idle is not None:
             next_due = min(next_due, now + min(MAX_SLEEP, self._config.max_idle / 4))
+        # Connections opened during this pass have deadlines of their own.
+        for state in list(self._states.values()):
+            due = state.due(lead)
+            if due is not None and due[0] > now and not state.pinned:
+                next_due = min(next_due, due[0])
 
         if retired:
             log.info(

@@ -690,8 +690,10 @@ def _on_invalidate(dbapi_connection: Any, rec: ConnectionPoolEntry, exception: A
 @event.listens_for(RebalancingQueuePool, "detach")
 def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
     # The connection now belongs to the application; it is no longer ours.
+    # SQLAlchemy fires this after returning the record to the pool, which may
+    # already have reconnected it: act only on the state of this connection.
     state = _state_of(rec)
-    if state is not None:
+    if state is not None and state.dbapi is dbapi_connection:
         state.closed = True
         pool = state.pool_ref()
         if pool is not None and pool._states.get(rec) is state:

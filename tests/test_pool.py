@@ -338,3 +338,17 @@ def test_dispose_closes_idle_and_spares_but_not_in_use(clock, engine_factory):
     assert held.dbapi_connection is not None  # in use: untouched
     assert pool.stats().retirements["dispose"] >= 1
     held.close()
+
+
+def test_detached_connection_is_no_longer_managed(clock, engine_factory):
+    engine = engine_factory(pool_recycle=R)
+    pool = engine.pool
+    conn = pool.connect()
+    dbapi = conn.dbapi_connection
+    conn.detach()
+    assert all(s.dbapi is not dbapi for s in pool._states.values())
+    clock.advance(R)
+    pool._maintain()
+    dbapi.execute("select 1")  # ours to use, never closed by the pool
+    conn.close()
+    assert pool.stats().retirements["lifetime"] == 0

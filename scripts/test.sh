@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine and run every check of sqla-rebalance:
+# system packages (apt-get), a virtualenv (pip), ruff, mypy, the test suite on
+# SQLAlchemy 2.1.x and again on 2.0.x (real PostgreSQL servers are started by
+# the tests themselves on 127.0.0.x), a benchmark smoke run and the docs build.
+# Extra arguments go to the main pytest run, e.g. scripts/test.sh -k recycle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "system packages"
+scripts/install-system-deps.sh
+
+step "virtualenv .venv (SQLAlchemy 2.1.x)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q -U pip
+.venv/bin/python -m pip install -q -e ".[test,lint,docs]" "sqlalchemy>=2.1,<2.2"
+
+step "ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+step "mypy"
+.venv/bin/mypy
+
+step "tests (SQLAlchemy $(.venv/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
+.venv/bin/python -m pytest tests "$@"
+
+step "virtualenv .venv-sa20 (SQLAlchemy 2.0.x)"
+[ -x .venv-sa20/bin/python ] || python3 -m venv .venv-sa20
+.venv-sa20/bin/python -m pip install -q -U pip
+.venv-sa20/bin/python -m pip install -q -e ".[test]" "sqlalchemy>=2.0.30,<2.1"
+
+step "tests (SQLAlchemy $(.venv-sa20/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
+.venv-sa20/bin/python -m pytest tests -q
+
+step "benchmark smoke run (figures only; timing is not pass/fail)"
+.venv/bin/python benchmarks/checkout_overhead.py --quick
+.venv/bin/python benchmarks/recycle_storm.py --duration 12
+
+step "docs"
+.venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"
+
+step "all checks passed"

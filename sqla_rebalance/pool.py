@@ -534,6 +534,9 @@ class RebalancingQueuePool(QueuePool):
 
     def _replace_idle(self, old: ConnectionPoolEntry, reason: str, now: float) -> bool:
         """Swap a fresh connection into ``old``'s queue slot, then close ``old``."""
+        # Idle now, so not to be retired at checkin: its spare (if it was
+        # given one) becomes free for this swap.
+        self._doomed.pop(old, None)
         try:
             new = self._spares.pop() if len(self._spares) > len(self._doomed) else None
         except IndexError:
@@ -543,7 +546,6 @@ class RebalancingQueuePool(QueuePool):
             if new is None:
                 return False
         if _sa.swap_idle(self, old, new):
-            self._doomed.pop(old, None)
             self._close(old, reason)
             if self._disposed and _sa.remove_idle(self, new):
                 self._close(new, DISPOSE)

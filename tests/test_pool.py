@@ -352,3 +352,20 @@ def test_detached_connection_is_no_longer_managed(clock, engine_factory):
     dbapi.execute("select 1")  # ours to use, never closed by the pool
     conn.close()
     assert pool.stats().retirements["lifetime"] == 0
+
+
+def test_marked_connection_checked_in_early_uses_its_spare(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.0).pool
+    conn = pool.connect()
+    rec = conn._connection_record
+    clock.advance(R)
+    pool._maintain()  # marked, spare opened
+    pool._doomed.pop(rec)  # as if it was checked in just before being marked...
+    conn.close()
+    pool._doomed[rec] = "lifetime"  # ...and marked right after
+    pool._maintain()
+    stats = pool.stats()
+    assert stats.connects == 2  # the spare took its place; nothing extra opened
+    assert stats.retirements["lifetime"] == 1
+    assert stats.idle == 1
+    assert pool._spares == []

@@ -108,12 +108,14 @@ def create_record(pool: QueuePool) -> ConnectionPoolEntry:
 
 
 def record_of(conn: object) -> ConnectionPoolEntry:
-    """The pool record behind a SQLAlchemy ``Connection`` or a pooled DBAPI proxy."""
+    """The pool record behind a (async) ``Connection`` or a pool-proxied DBAPI connection."""
     fairy = conn
+    # An asyncio AsyncConnection: its sync_connection is the Connection.
+    fairy = getattr(fairy, "sync_connection", None) or fairy
     if not isinstance(fairy, PoolProxiedConnection):
         # A sqlalchemy.engine.Connection: its ``connection`` property is the
         # pool-proxied DBAPI connection (public API).
-        fairy = getattr(conn, "connection", None)
+        fairy = getattr(fairy, "connection", None)
     rec = getattr(fairy, "_connection_record", None)
     if rec is None:
         raise TypeError(

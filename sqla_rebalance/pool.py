@@ -336,6 +336,7 @@ class RebalancingQueuePool(QueuePool):
             in_use=sum(h["in_use"] for h in per_host.values()),
             pinned=pinned,
             spares=spares,
+            retiring=len(self._retiring),
             connects=c.connects,
             connect_failures=c.connect_failures,
             checkouts_waited=c.connects - c.connects_background,

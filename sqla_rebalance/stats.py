@@ -109,6 +109,9 @@ class BusStats:
 class PoolStats:
     """A snapshot of one pool, as returned by ``pool.stats()``.
 
+    ``open`` counts every connection the pool holds: ``idle + in_use`` plus
+    ``spares`` and ``retiring``, which are neither.
+
     ``checkouts_waited`` counts checkouts that had to open a connection
     themselves (the connect time was paid inside the request); the
     maintenance worker exists to keep it at zero after warm-up.
@@ -125,7 +128,10 @@ class PoolStats:
     idle: int
     in_use: int
     pinned: int
+    #: Opened in advance to replace in-use connections that are due.
     spares: int
+    #: Handed over at checkin, about to be closed by the worker.
+    retiring: int
     connects: int
     connect_failures: int
     checkouts_waited: int

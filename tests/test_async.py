@@ -82,3 +82,20 @@ def test_worker_maintains_an_async_pool(tmp_path):
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_pin_accepts_an_async_connection(tmp_path):
+    import sqla_rebalance
+
+    async def main():
+        engine = make(tmp_path, pool_recycle=100)
+        async with engine.connect() as conn:
+            await conn.execute(text("select 1"))
+            sqla_rebalance.pin(conn)
+            assert sqla_rebalance.is_pinned(conn)
+            assert engine.pool.recycle() == 0  # pinned: left alone
+            sqla_rebalance.unpin(conn)
+            assert not sqla_rebalance.is_pinned(conn)
+        await engine.dispose()
+
+    asyncio.run(main())

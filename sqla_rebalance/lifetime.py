@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .pool import RebalancingQueuePool
 
-__all__ = ["ConnState", "draw_lifetime", "replacement_lead"]
+__all__ = ["ConnState", "draw_lifetime", "replacement_lead", "schedule_replacements"]
 
 #: Key of our state in ``ConnectionPoolEntry.info``. ``info`` is cleared by
 #: SQLAlchemy whenever the record reconnects, which is exactly the life of one
@@ -40,6 +41,29 @@ def replacement_lead(recycle: float) -> float:
     lifetime: 2 % of ``pool_recycle``, between 50 ms and 2 s.
     """
     return min(2.0, max(0.05, 0.02 * recycle))
+
+
+def schedule_replacements(
+    deadlines: list[tuple[float, object]], margin: float, connect_time: float
+) -> dict[object, float]:
+    """When to start replacing each connection so that a serial worker is never late.
+
+    ``deadlines`` pairs each connection's deadline with a key. One worker
+    opens replacements one after another, each taking about ``connect_time``.
+    Scheduling backwards from the last deadline, each replacement starts by
+    ``deadline - margin - connect_time`` and early enough to leave room for the
+    ones after it. A lone deadline is thus replaced ``margin + connect_time``
+    before it; a cluster of deadlines (many connections opened together, or a
+    slow network) starts earlier instead of running late into SQLAlchemy's
+    checkout-time recycle.
+    """
+    starts: dict[object, float] = {}
+    following = math.inf
+    for deadline, key in sorted(deadlines, key=lambda item: item[0], reverse=True):
+        start = min(deadline - margin - connect_time, following - connect_time)
+        starts[key] = start
+        following = start
+    return starts
 
 
 class ConnState:
@@ -88,13 +112,17 @@ class ConnState:
         self.closed = False
         self.idle_since: float | None = None
 
-    def due(self, lead: float) -> tuple[float, str] | None:
-        """When the pool should retire this connection, and why (None: never)."""
+    def due(self, lifetime_start: float | None) -> tuple[float, str] | None:
+        """When the pool should start retiring this connection, and why (None: never).
+
+        ``lifetime_start`` is when its lifetime replacement is scheduled to
+        start (see :func:`schedule_replacements`).
+        """
         from .stats import LIFETIME
 
         best: tuple[float, str] | None = None
-        if self.deadline is not None:
-            best = (self.deadline - lead, LIFETIME)
+        if lifetime_start is not None:
+            best = (lifetime_start, LIFETIME)
         if self.retire_at is not None and (best is None or self.retire_at < best[0]):
             best = (self.retire_at, self.retire_reason or LIFETIME)
         return best

@@ -38,7 +38,13 @@ from sqlalchemy.util import queue as sqla_queue
 
 from . import _sa, signals
 from .config import PoolConfig
-from .lifetime import INFO_KEY, ConnState, draw_lifetime, replacement_lead
+from .lifetime import (
+    INFO_KEY,
+    ConnState,
+    draw_lifetime,
+    replacement_lead,
+    schedule_replacements,
+)
 from .stats import (
     DISPOSE,
     ERROR,
@@ -151,6 +157,8 @@ class RebalancingQueuePool(QueuePool):
         #: Doomed records handed over by checkin: (record, reason, slot_empty).
         self._retiring: deque[tuple[ConnectionPoolEntry, str, bool]] = deque()
         self._lead = replacement_lead(self._config.recycle) if self._config.recycle > 0 else 0.0
+        #: Moving average of how long a background connect takes (seconds).
+        self._connect_time = 0.01
         self._next_due = 0.0
         self._disposed = False
         self._disposing = False
@@ -210,7 +218,8 @@ class RebalancingQueuePool(QueuePool):
             self._counters.connect_failed()
             raise
         cfg = self._config
-        started = _sa.starttime(rec)
+        started = _sa.starttime(rec)  # set by SQLAlchemy just before the connect
+        self._connect_time += 0.3 * (max(0.0, time.time() - started) - self._connect_time)
         deadline = None
         if cfg.recycle > 0:
             deadline = started + draw_lifetime(cfg.recycle, cfg.recycle_jitter)
@@ -425,7 +434,7 @@ class RebalancingQueuePool(QueuePool):
                 self._replace_idle(rec, ERROR, now)
         idle_ids = {id(r) for r in idle}
         retiring = {item[0] for item in self._retiring}
-        lead = self._lead
+        starts = self._schedule()
         due_in_use: list[tuple[ConnectionPoolEntry, str]] = []
         for rec, state in list(self._states.items()):
             if state.closed or rec.dbapi_connection is not state.dbapi:
@@ -445,7 +454,7 @@ class RebalancingQueuePool(QueuePool):
                 if self._replace_idle(rec, ERROR, now):
                     retired[ERROR] = retired.get(ERROR, 0) + 1
                 continue
-            due = state.due(lead)
+            due = state.due(starts.get(rec))
             if due is None:
                 continue
             at, reason = due
@@ -456,7 +465,7 @@ class RebalancingQueuePool(QueuePool):
                 if self._replace_idle(rec, reason, now):
                     retired[reason] = retired.get(reason, 0) + 1
                 else:
-                    next_due = min(next_due, self._retry_at)
+                    next_due = min(next_due, max(self._retry_at, now + 0.01))
             elif rec.in_use and rec not in self._doomed:
                 due_in_use.append((rec, reason))
 
@@ -477,8 +486,9 @@ class RebalancingQueuePool(QueuePool):
         if self._config.max_idle is not None:
             next_due = min(next_due, now + min(MAX_SLEEP, self._config.max_idle / 4))
         # Connections opened during this pass have deadlines of their own.
-        for state in list(self._states.values()):
-            due = state.due(lead)
+        starts = self._schedule()
+        for rec, state in list(self._states.items()):
+            due = state.due(starts.get(rec))
             if due is not None and due[0] > now and not state.pinned:
                 next_due = min(next_due, due[0])
 
@@ -490,6 +500,19 @@ class RebalancingQueuePool(QueuePool):
                 ", ".join(f"{k}={v}" for k, v in sorted(retired.items())),
             )
         return next_due
+
+    def _schedule(self) -> dict[Any, float]:
+        """Start times of lifetime replacements (see ``schedule_replacements``)."""
+        return schedule_replacements(
+            [
+                (state.deadline, rec)
+                for rec, state in list(self._states.items())
+                if state.deadline is not None and not state.pinned and not state.closed
+            ],
+            self._lead,
+            # Connect times vary (about 2x under load): plan with headroom.
+            2.0 * self._connect_time,
+        )
 
     def _spare_cap(self) -> int:
         return max(2, self._config.pool_size // 4)

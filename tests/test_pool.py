@@ -15,7 +15,7 @@ from sqlalchemy import create_engine
 
 import sqla_rebalance
 from sqla_rebalance import RebalancingQueuePool, signals
-from sqla_rebalance.lifetime import INFO_KEY, draw_lifetime
+from sqla_rebalance.lifetime import INFO_KEY, draw_lifetime, schedule_replacements
 
 from .helpers import FakeClock, manual_maintenance
 
@@ -70,6 +70,23 @@ def test_lifetimes_are_drawn_in_range():
     assert draw_lifetime(60, 0.0, rng) == 60
 
 
+def test_replacements_are_scheduled_backwards_so_a_serial_worker_is_never_late():
+    # Lone deadlines: replaced margin + connect time before each.
+    starts = schedule_replacements([(100.0, "a"), (200.0, "b")], margin=1.0, connect_time=0.5)
+    assert starts == {"a": 98.5, "b": 198.5}
+    # A cluster: five deadlines within 0.1 s and 0.5 s per connect. The worker
+    # must start 2.5 s ahead of the first to finish all five in time.
+    cluster = [(100.0 + i * 0.025, i) for i in range(5)]
+    starts = schedule_replacements(cluster, margin=1.0, connect_time=0.5)
+    order = sorted(starts, key=starts.get)
+    assert order == [0, 1, 2, 3, 4]
+    for i in range(4):
+        assert starts[order[i + 1]] - starts[order[i]] >= 0.5 - 1e-9
+    for deadline, key in cluster:  # each one finishes before its deadline - margin
+        assert starts[key] + 0.5 <= deadline - 1.0 + 1e-9
+    assert starts[0] == pytest.approx(100.1 - 1.0 - 0.5 * 5)
+
+
 def test_each_connection_gets_its_own_deadline_below_recycle(clock, engine_factory):
     pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
     open_n(pool, 5)
@@ -86,14 +103,15 @@ def test_idle_connections_are_replaced_before_their_deadline(clock, engine_facto
     pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
     open_n(pool, 5)
     first = dbapi_ids(pool)
-    earliest = min(s.deadline for s in pool._states.values())
-    latest = max(s.deadline for s in pool._states.values())
+    starts = pool._schedule()
+    deadlines = {rec: s.deadline for rec, s in pool._states.items()}
+    assert all(starts[rec] < deadlines[rec] - pool._lead for rec in deadlines)
 
-    clock.now = earliest - pool._lead - 0.001
+    clock.now = min(starts.values()) - 0.001
     pool._maintain()
     assert dbapi_ids(pool) == first  # nothing due yet
 
-    clock.now = latest - pool._lead
+    clock.now = max(starts.values())
     pool._maintain()
     assert dbapi_ids(pool).isdisjoint(first)  # every connection replaced...
     stats = pool.stats()

@@ -8,14 +8,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
+# pip install, quiet; drops this machine's harmless "Location ... is ignored"
+# lines (pip's own exit status still counts, through pipefail).
+pip_install() {
+  local py=$1; shift
+  "$py" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+}
 
 step "system packages"
 scripts/install-system-deps.sh
 
 step "virtualenv .venv (SQLAlchemy 2.1.x)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q -U pip
-.venv/bin/python -m pip install -q -e ".[test,lint,docs]" "sqlalchemy>=2.1,<2.2"
+pip_install .venv/bin/python -U pip
+pip_install .venv/bin/python -e ".[test,lint,docs]" "sqlalchemy>=2.1,<2.2"
 
 step "ruff"
 .venv/bin/ruff check .
@@ -29,8 +35,8 @@ step "tests (SQLAlchemy $(.venv/bin/python -c 'import sqlalchemy; print(sqlalche
 
 step "virtualenv .venv-sa20 (SQLAlchemy 2.0.x)"
 [ -x .venv-sa20/bin/python ] || python3 -m venv .venv-sa20
-.venv-sa20/bin/python -m pip install -q -U pip
-.venv-sa20/bin/python -m pip install -q -e ".[test]" "sqlalchemy>=2.0.30,<2.1"
+pip_install .venv-sa20/bin/python -U pip
+pip_install .venv-sa20/bin/python -e ".[test]" "sqlalchemy>=2.0.30,<2.1"
 
 step "tests (SQLAlchemy $(.venv-sa20/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 .venv-sa20/bin/python -m pytest tests -q

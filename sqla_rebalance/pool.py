@@ -458,8 +458,7 @@ class RebalancingQueuePool(QueuePool):
             if due is None:
                 continue
             at, reason = due
-            if at > now:
-                next_due = min(next_due, at)
+            if at > now:  # the sweep at the end of the pass schedules it
                 continue
             if is_idle:
                 if self._replace_idle(rec, reason, now):
@@ -485,7 +484,8 @@ class RebalancingQueuePool(QueuePool):
         self._shrink_idle(now, retired)
         if self._config.max_idle is not None:
             next_due = min(next_due, now + min(MAX_SLEEP, self._config.max_idle / 4))
-        # Connections opened during this pass have deadlines of their own.
+        # When the next connection comes due, including those opened during
+        # this pass (they have deadlines of their own).
         starts = self._schedule()
         for rec, state in list(self._states.items()):
             due = state.due(starts.get(rec))

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from sqlalchemy.pool.base import _ConnectionRecord
 
 __all__ = [
-    "Full",
     "clamp_starttime",
     "create_record",
     "greenlet_spawn",
@@ -36,8 +35,6 @@ __all__ = [
     "remove_idle",
     "swap_idle",
 ]
-
-Full = sqla_queue.Full
 
 #: ``QueuePool._do_return_conn`` bound once, so our override calls it without a
 #: ``super()`` lookup on the checkin path.
@@ -150,13 +147,26 @@ def clamp_starttime(pool: QueuePool, rec: ConnectionPoolEntry, wanted: float) ->
     than both marks so that ``Pool._invalidate`` still treats the record as
     newer than the last pool invalidation.
     """
-    floor = max(
-        pool._invalidate_time,
-        getattr(rec, "_soft_invalidate_time", 0.0),
-    )
+    floor = invalidation_floor(pool, rec)
     if wanted > floor:
         return wanted
     return math.nextafter(floor, math.inf)
+
+
+def invalidation_floor(pool: QueuePool, rec: ConnectionPoolEntry) -> float:
+    """The latest invalidation mark (pool-wide or of the record) that applies to ``rec``."""
+    return max(pool._invalidate_time, getattr(rec, "_soft_invalidate_time", 0.0))
+
+
+def forget_connection(rec: ConnectionPoolEntry) -> object:
+    """Detach the DBAPI connection from ``rec`` without closing it; return it.
+
+    For a forked child: the socket belongs to the parent. The record keeps its
+    queue slot and reconnects at its next checkout, as after an invalidation.
+    """
+    dbapi = rec.dbapi_connection
+    cast("_ConnectionRecord", rec).dbapi_connection = None
+    return dbapi
 
 
 def is_invalidated(pool: QueuePool, rec: ConnectionPoolEntry) -> bool:

@@ -48,10 +48,7 @@ def unpin(conn: object) -> None:
     pool = state.pool_ref()
     if pool is not None:
         pool._restore_deadline(rec, state)  # type: ignore[arg-type]
-        pool._next_due = 0.0
-        from .worker import get_worker
-
-        get_worker().poke()
+        pool._request_pass()
 
 
 def is_pinned(conn: object) -> bool:

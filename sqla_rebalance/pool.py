@@ -160,6 +160,9 @@ class RebalancingQueuePool(QueuePool):
         #: Moving average of how long a background connect takes (seconds).
         self._connect_time = 0.01
         self._next_due = 0.0
+        #: Set by whoever pokes the worker for this pool; a pass that is
+        #: running meanwhile must not overwrite the request with its own plan.
+        self._wake = False
         self._disposed = False
         self._disposing = False
         self._maint_token: object = None
@@ -223,24 +226,22 @@ class RebalancingQueuePool(QueuePool):
         deadline = None
         if cfg.recycle > 0:
             deadline = started + draw_lifetime(cfg.recycle, cfg.recycle_jitter)
-            _sa.set_starttime(rec, _sa.clamp_starttime(self, rec, deadline - cfg.recycle))
+            # An invalidation that came while connecting must keep applying
+            # to this connection: leave starttime alone then.
+            if started > _sa.invalidation_floor(self, rec):
+                _sa.set_starttime(rec, _sa.clamp_starttime(self, rec, deadline - cfg.recycle))
         state = ConnState(
             self, dbapi_connection, _describe_host(dbapi_connection), started, deadline
         )
         rec.info[INFO_KEY] = state
         self._states[rec] = state
         self._counters.connected(background)
-        worker = get_worker()
         if self._is_asyncio and self._loop is None:
             with contextlib.suppress(RuntimeError):  # no running loop: not async after all
                 self._loop = asyncio.get_running_loop()
                 # Maintenance could not run before the loop was known.
-                self._next_due = 0.0
-                worker.poke()
-        if not self._disposed and not worker.is_registered(self):
-            worker.register(self)
-        else:
-            worker.ensure_running()
+                self._request_pass()
+        self._ensure_registered()
         if signals.connection_opened.receivers:
             signals.connection_opened.send(self, host=state.host, background=background)
         return dbapi_connection
@@ -256,7 +257,9 @@ class RebalancingQueuePool(QueuePool):
         # May run in a garbage-collector callback: no blocking, no plain Lock,
         # no I/O. The worker closes the old connection.
         reason = self._doomed.pop(record, None)
-        if reason is None:  # unmarked meanwhile (pinned)
+        if reason is None or self._pool.full():
+            # Unmarked meanwhile (pinned), or an overflow connection that
+            # QueuePool closes at checkin anyway: the spare stays for another.
             _sa.queue_pool_return(self, record)
             return
         try:
@@ -266,8 +269,20 @@ class RebalancingQueuePool(QueuePool):
         if spare is not None:
             _sa.queue_pool_return(self, spare)
         self._retiring.append((record, reason, spare is None))
+        self._request_pass()
+
+    def _request_pass(self) -> None:
+        """Ask for a maintenance pass now (safe from any thread and GC callbacks)."""
+        self._wake = True
         self._next_due = 0.0
         get_worker().poke()
+
+    def _ensure_registered(self) -> None:
+        worker = get_worker()
+        if not self._disposed and not worker.is_registered(self):
+            worker.register(self)
+        else:
+            worker.ensure_running()
 
     # -- public operations ---------------------------------------------------
     def recycle(self, host: str | None = None, spread: float = 0.0, reason: str = MANUAL) -> int:
@@ -306,11 +321,8 @@ class RebalancingQueuePool(QueuePool):
             spread,
         )
         if marked:
-            self._next_due = 0.0
-            worker = get_worker()
-            if not self._disposed and not worker.is_registered(self):
-                worker.register(self)
-            worker.poke()
+            self._ensure_registered()
+            self._request_pass()
         return marked
 
     def stats(self) -> PoolStats:
@@ -367,34 +379,53 @@ class RebalancingQueuePool(QueuePool):
         self._disposing = True
         try:
             super().dispose()
-            self._doomed.clear()
-            while self._spares:
-                self._close(self._spares.pop(), DISPOSE)
-            while self._retiring:
-                rec, _reason, _slot_empty = self._retiring.popleft()
-                self._close(rec, DISPOSE)
+            self._close_leftovers()
         finally:
             self._disposing = False
+
+    def _close_leftovers(self) -> None:
+        """Close spares and handed-over records (after dispose)."""
+        self._doomed.clear()
+        while True:
+            try:  # checkin may pop concurrently: never test-then-pop
+                spare = self._spares.pop()
+            except IndexError:
+                break
+            self._close(spare, DISPOSE)
+        while True:
+            try:
+                rec, _reason, _slot_empty = self._retiring.popleft()
+            except IndexError:
+                break
+            self._close(rec, DISPOSE)
 
     # -- maintenance (runs in the worker thread, or in the event loop) --------
     def _run_maintenance(self) -> None:
         """Called by the worker when ``_next_due`` has come."""
         if not self._is_asyncio:
-            self._next_due = self._maintain()
+            self._wake = False
+            next_due = self._maintain()
+            self._next_due = 0.0 if self._wake else next_due
             return
         # An asyncio driver can only be used from its event loop: run the
         # pass there, as a greenlet, like SQLAlchemy's own async engine does.
         loop = self._loop
-        now = time.time()
-        self._next_due = now + MAX_SLEEP
-        if loop is None or loop.is_closed() or self._async_inflight:
+        if self._async_inflight:
+            return  # the running pass sets _next_due when it ends
+        self._next_due = time.time() + MAX_SLEEP
+        if loop is None or loop.is_closed():
             return
         self._async_inflight = True
+        self._wake = False
 
         async def run() -> None:
+            next_due = time.time() + MAX_SLEEP
             try:
-                self._next_due = await _sa.greenlet_spawn(self._maintain)
+                next_due = await _sa.greenlet_spawn(self._maintain)
+            except Exception:
+                log.exception("maintenance of pool %s failed", self.pool_name)
             finally:
+                self._next_due = 0.0 if self._wake else next_due
                 self._async_inflight = False
                 get_worker().poke()
 
@@ -413,6 +444,20 @@ class RebalancingQueuePool(QueuePool):
             return self._maintain_pass(now)
         finally:
             self._maint_token = None
+            self._cleanup_if_disposed()
+
+    def _cleanup_if_disposed(self) -> None:
+        """Disposed while a pass was running: leave nothing open behind."""
+        if not self._disposed:
+            return
+        self._disposing = True
+        try:
+            self._close_leftovers()
+            for rec in _sa.idle_records(self):
+                if _sa.remove_idle(self, rec):
+                    self._close(rec, DISPOSE)
+        finally:
+            self._disposing = False
 
     def _maintain_pass(self, now: float) -> float:
         next_due = now + MAX_SLEEP
@@ -435,7 +480,13 @@ class RebalancingQueuePool(QueuePool):
         idle_ids = {id(r) for r in idle}
         retiring = {item[0] for item in self._retiring}
         starts = self._schedule()
-        due_in_use: list[tuple[ConnectionPoolEntry, str]] = []
+        due_in_use: list[tuple[ConnectionPoolEntry, ConnState, str]] = []
+        # A mark on a record that is neither in use nor idle (an overflow
+        # connection closed at checkin, say) would hold a spare forever.
+        for rec in list(self._doomed):
+            if not rec.in_use and id(rec) not in idle_ids:
+                self._doomed.pop(rec, None)
+        spares = set(self._spares)
         for rec, state in list(self._states.items()):
             if state.closed or rec.dbapi_connection is not state.dbapi:
                 # Closed, reconnected or detached behind our back.
@@ -460,23 +511,43 @@ class RebalancingQueuePool(QueuePool):
             at, reason = due
             if at > now:  # the sweep at the end of the pass schedules it
                 continue
+            if rec in spares:
+                # A spare that waited past its own deadline: step 2 opens a
+                # fresh one if it is still needed.
+                try:
+                    self._spares.remove(rec)
+                except ValueError:  # taken by a checkin meanwhile
+                    continue
+                self._close(rec, reason)
+                retired[reason] = retired.get(reason, 0) + 1
+                continue
             if is_idle:
                 if self._replace_idle(rec, reason, now):
                     retired[reason] = retired.get(reason, 0) + 1
                 else:
                     next_due = min(next_due, max(self._retry_at, now + 0.01))
             elif rec.in_use and rec not in self._doomed:
-                due_in_use.append((rec, reason))
+                due_in_use.append((rec, state, reason))
 
         # 2. In-use connections that are due: open a spare first, then mark
         #    them, so that their checkin never leaves the pool a slot short.
-        for rec, reason in due_in_use:
+        for rec, state, reason in due_in_use:
             if len(self._spares) <= len(self._doomed) and (
                 len(self._spares) >= self._spare_cap() or not self._open_spare(now)
             ):
                 next_due = min(next_due, max(self._retry_at, now + 0.05))
                 break
             self._doomed[rec] = reason
+            # Check again after marking: it may have been checked in or
+            # pinned while the spare was opening. (Checkin clears in_use then
+            # tests the mark; pin() sets pinned then drops the mark: in either
+            # order one side sees the other.)
+            if not rec.in_use or state.pinned or state.closed:
+                self._doomed.pop(rec, None)
+        # Marked records whose spare was closed (it came due) get a fresh one.
+        while len(self._spares) < min(len(self._doomed), self._spare_cap()):
+            if not self._open_spare(now):
+                break
         self._trim_spares()
 
         # 3. Keep min_size open; close what stayed idle past max_idle.
@@ -642,10 +713,13 @@ class RebalancingQueuePool(QueuePool):
 
     def _shield(self, rec: ConnectionPoolEntry) -> None:
         """Keep SQLAlchemy's checkout-time recycle away from a pinned connection."""
-        if self._config.recycle > 0 and not _sa.is_invalidated(self, rec):
-            now = time.time()
-            if _sa.starttime(rec) < now - self._config.recycle / 2:
-                _sa.set_starttime(rec, now)
+        now = time.time()
+        if (
+            self._config.recycle > 0
+            and not _sa.is_invalidated(self, rec)
+            and _sa.starttime(rec) < now - self._config.recycle / 2
+        ):
+            _sa.set_starttime(rec, now)
 
     def _restore_deadline(self, rec: ConnectionPoolEntry, state: ConnState) -> None:
         if state.deadline is not None and not _sa.is_invalidated(self, rec):
@@ -662,6 +736,15 @@ class RebalancingQueuePool(QueuePool):
         """
         for state in self._states.values():
             state.closed = True
+        # Idle ones keep their queue slot but lose the parent's socket: the
+        # child reconnects them on checkout. The objects are kept referenced
+        # so that no driver finalizer ever runs on them in the child.
+        for rec in _sa.idle_records(self):
+            if rec.dbapi_connection is not None:
+                _INHERITED.append(_sa.forget_connection(rec))
+        for _rec, _reason, slot_empty in self._retiring:
+            if slot_empty:
+                _sa.dec_overflow(self)
         self._states = {}
         self._doomed = {}
         self._spares = []
@@ -690,6 +773,10 @@ class RebalancingQueuePool(QueuePool):
             signals.connection_retired.send(
                 self, host=state.host, reason=reason, age=time.time() - state.connected_at
             )
+
+
+#: DBAPI connections inherited from the parent process, never touched again.
+_INHERITED: list[object] = []
 
 
 def _state_of(rec: ConnectionPoolEntry) -> ConnState | None:

@@ -139,7 +139,6 @@ class MaintenanceWorker:
 
 
 _worker = MaintenanceWorker()
-_pid = os.getpid()
 
 
 def get_worker() -> MaintenanceWorker:
@@ -147,10 +146,9 @@ def get_worker() -> MaintenanceWorker:
 
 
 def _after_fork_in_child() -> None:
-    global _worker, _pid
+    global _worker
     parent = _worker
     _worker = child = MaintenanceWorker()
-    _pid = os.getpid()
     # Pools survive into the child; they must forget the parent's connections
     # and are re-registered with the child's worker, whose thread starts lazily
     # on the pool's next connect or public call.

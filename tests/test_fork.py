@@ -34,6 +34,8 @@ def test_child_restarts_worker_lazily_and_leaves_parent_connections_alone(tmp_pa
         try:
             ok = get_worker().thread is None  # no thread inherited
             ok &= pool._states == {} and pool._spares == []  # parent's connections forgotten
+            # The parent's idle connections keep their slots but not their sockets.
+            ok &= all(r.dbapi_connection is None for r in pool._pool.queue)
             pool.recycle()  # must not touch them either
             engine.dispose(close=False)  # SQLAlchemy's advice for a child
             with engine.connect() as conn:

@@ -387,3 +387,99 @@ def test_marked_connection_checked_in_early_uses_its_spare(clock, engine_factory
     assert stats.retirements["lifetime"] == 1
     assert stats.idle == 1
     assert pool._spares == []
+
+
+def test_mark_is_dropped_if_the_connection_was_checked_in_while_its_spare_opened(
+    clock, engine_factory
+):
+    pool = engine_factory(pool_size=1, max_overflow=3, pool_recycle=R, recycle_jitter=0.0).pool
+    a, b = pool.connect(), pool.connect()  # b is an overflow connection
+    clock.advance(R)
+    real_open_spare = pool._open_spare
+
+    def open_spare_while_app_checks_in(now):
+        a.close()
+        b.close()  # QueuePool closes this overflow connection at checkin
+        return real_open_spare(now)
+
+    pool._open_spare = open_spare_while_app_checks_in
+    pool._maintain()
+    pool._open_spare = real_open_spare
+    assert pool._doomed == {}  # no stale mark...
+    for _ in range(3):
+        pool._maintain()
+    assert pool._spares == []  # ...so no spare held open for nothing
+
+
+def test_connection_pinned_while_its_spare_opened_is_not_retired(clock, engine_factory):
+    engine = engine_factory(pool_recycle=R, recycle_jitter=0.0)
+    pool = engine.pool
+    conn = engine.connect()
+    clock.advance(R)
+    real_open_spare = pool._open_spare
+
+    def open_spare_while_app_pins(now):
+        sqla_rebalance.pin(conn)
+        return real_open_spare(now)
+
+    pool._open_spare = open_spare_while_app_pins
+    pool._maintain()
+    pool._open_spare = real_open_spare
+    dbapi = conn.connection.dbapi_connection
+    conn.close()
+    pool._maintain()
+    assert pool.stats().retirements["lifetime"] == 0
+    with engine.connect() as again:
+        assert again.connection.dbapi_connection is dbapi
+
+
+def test_spare_that_waits_past_its_deadline_is_replaced(clock, engine_factory):
+    pool = engine_factory(pool_size=2, pool_recycle=R, recycle_jitter=0.0).pool
+    held = pool.connect()  # held for a long time
+    clock.advance(R)
+    pool._maintain()
+    first_spare = pool._spares[0]
+    for _ in range(int(3 * R)):
+        clock.advance(1)
+        pool._maintain()
+    assert first_spare.dbapi_connection is None  # closed when it came due
+    assert len(pool._spares) == 1
+    assert clock.now - pool._spares[0].info[INFO_KEY].connected_at < R  # a fresh one
+    held.close()
+    before = pool.stats().checkouts_waited
+    c = pool.connect()  # before the worker's next pass: gets the fresh spare
+    c.close()
+    assert pool.stats().checkouts_waited == before
+
+
+def test_poke_during_a_pass_is_not_lost(clock, engine_factory):
+    pool = engine_factory().pool
+    real = pool._maintain_pass
+
+    def pass_during_which_a_checkin_pokes(now):
+        result = real(now)
+        pool._request_pass()
+        return result
+
+    pool._maintain_pass = pass_during_which_a_checkin_pokes
+    pool._run_maintenance()
+    assert pool._next_due == 0.0
+
+
+def test_invalidation_during_connect_still_applies(clock, engine_factory):
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
+    real_creator = pool._invoke_creator
+
+    def connect_while_pool_is_invalidated(rec):
+        clock.advance(0.5)
+        pool._invalidate_time = clock.now  # e.g. another thread saw a disconnect
+        clock.advance(0.5)
+        return real_creator(rec)
+
+    pool._invoke_creator = connect_while_pool_is_invalidated
+    c = pool.connect()
+    rec = c._connection_record
+    c.close()
+    from sqla_rebalance import _sa
+
+    assert _sa.is_invalidated(pool, rec)  # as QueuePool would treat it

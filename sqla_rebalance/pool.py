@@ -544,6 +544,10 @@ class RebalancingQueuePool(QueuePool):
             # order one side sees the other.)
             if not rec.in_use or state.pinned or state.closed:
                 self._doomed.pop(rec, None)
+                # Checked in meanwhile: it is idle now, and the spare just
+                # opened can take its slot at once.
+                if not (state.pinned or state.closed) and self._replace_idle(rec, reason, now):
+                    retired[reason] = retired.get(reason, 0) + 1
         # Marked records whose spare was closed (it came due) get a fresh one.
         while len(self._spares) < min(len(self._doomed), self._spare_cap()):
             if not self._open_spare(now):

@@ -7,10 +7,20 @@ import random
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from .stats import LIFETIME
+
 if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
+
     from .pool import RebalancingQueuePool
 
-__all__ = ["ConnState", "draw_lifetime", "replacement_lead", "schedule_replacements"]
+__all__ = [
+    "ConnState",
+    "draw_lifetime",
+    "replacement_lead",
+    "schedule_replacements",
+    "state_of",
+]
 
 #: Key of our state in ``ConnectionPoolEntry.info``. ``info`` is cleared by
 #: SQLAlchemy whenever the record reconnects, which is exactly the life of one
@@ -118,8 +128,6 @@ class ConnState:
         ``lifetime_start`` is when its lifetime replacement is scheduled to
         start (see :func:`schedule_replacements`).
         """
-        from .stats import LIFETIME
-
         best: tuple[float, str] | None = None
         if lifetime_start is not None:
             best = (lifetime_start, LIFETIME)
@@ -132,3 +140,9 @@ class ConnState:
             f"<ConnState host={self.host} connected_at={self.connected_at:.3f} "
             f"deadline={self.deadline}>"
         )
+
+
+def state_of(rec: ConnectionPoolEntry) -> ConnState | None:
+    """Our state for the connection ``rec`` currently holds (None if not ours)."""
+    state = rec.info.get(INFO_KEY)
+    return state if isinstance(state, ConnState) else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import _sa
 from .errors import NotPooledError
-from .lifetime import INFO_KEY, ConnState
+from .lifetime import ConnState, state_of
 
 __all__ = ["is_pinned", "pin", "unpin"]
 
@@ -21,8 +21,8 @@ def _state(conn: object) -> tuple[object, ConnState]:
         rec = _sa.record_of(conn)
     except TypeError as err:
         raise NotPooledError(str(err)) from None
-    state = rec.info.get(INFO_KEY)
-    if not isinstance(state, ConnState):
+    state = state_of(rec)
+    if state is None:
         raise NotPooledError(
             f"{conn!r} was not opened by a RebalancingQueuePool; "
             "pin() works on connections of sqla-rebalance pools only"

@@ -44,6 +44,7 @@ from .lifetime import (
     draw_lifetime,
     replacement_lead,
     schedule_replacements,
+    state_of,
 )
 from .stats import (
     DISPOSE,
@@ -710,8 +711,8 @@ class RebalancingQueuePool(QueuePool):
                 retired[IDLE] = retired.get(IDLE, 0) + 1
 
     def _close(self, rec: ConnectionPoolEntry, reason: str) -> None:
-        state = rec.info.get(INFO_KEY)
-        if isinstance(state, ConnState) and state.reason is None:
+        state = state_of(rec)
+        if state is not None and state.reason is None:
             state.reason = reason
         rec.close()
 
@@ -783,14 +784,9 @@ class RebalancingQueuePool(QueuePool):
 _INHERITED: list[object] = []
 
 
-def _state_of(rec: ConnectionPoolEntry) -> ConnState | None:
-    state = rec.info.get(INFO_KEY) if rec is not None else None
-    return state if isinstance(state, ConnState) else None
-
-
 @event.listens_for(RebalancingQueuePool, "close")
 def _on_close(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
-    state = _state_of(rec)
+    state = state_of(rec)
     if state is not None and state.dbapi is dbapi_connection:
         pool = state.pool_ref()
         if pool is not None:
@@ -799,7 +795,7 @@ def _on_close(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
 
 @event.listens_for(RebalancingQueuePool, "invalidate")
 def _on_invalidate(dbapi_connection: Any, rec: ConnectionPoolEntry, exception: Any) -> None:
-    state = _state_of(rec)
+    state = state_of(rec)
     if state is not None and state.reason is None:
         state.reason = ERROR
 
@@ -809,7 +805,7 @@ def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
     # The connection now belongs to the application; it is no longer ours.
     # SQLAlchemy fires this after returning the record to the pool, which may
     # already have reconnected it: act only on the state of this connection.
-    state = _state_of(rec)
+    state = state_of(rec)
     if state is not None and state.dbapi is dbapi_connection:
         state.closed = True
         pool = state.pool_ref()

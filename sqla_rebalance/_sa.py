@@ -184,13 +184,17 @@ def wrap_creator(
     wrapper: Callable[
         [Callable[[ConnectionPoolEntry], DBAPIConnection], ConnectionPoolEntry], DBAPIConnection
     ],
-) -> None:
+) -> Callable[[ConnectionPoolEntry | None], DBAPIConnection]:
     """Route every connect of ``pool`` through ``wrapper(original, record)``.
 
     ``Pool._invoke_creator(record)`` is what ``_ConnectionRecord`` calls to
     open a DBAPI connection, just after it sets ``record.starttime``; wrapping
     it lets us tag the record and set its deadline before the ``connect``
     event handlers (dialect initialisation, user listeners) run.
+
+    Returns the original, which health probes call with ``None`` to open a
+    connection that belongs to no record (``create_engine``'s creator takes
+    ``connection_record=None``).
     """
     original = pool._invoke_creator
 
@@ -198,6 +202,15 @@ def wrap_creator(
         return wrapper(original, rec)
 
     pool._invoke_creator = invoke
+    return original  # type: ignore[return-value]
+
+
+def pool_invalidate(
+    pool: QueuePool, connection: Any, exception: BaseException | None, checkin: bool
+) -> None:
+    """SQLAlchemy's own ``Pool._invalidate`` (the pool-wide staleness mark after a
+    disconnect error), which ``RebalancingQueuePool`` overrides for several hosts."""
+    QueuePool._invalidate(pool, connection, exception, checkin)
 
 
 def overflow(pool: QueuePool) -> int:

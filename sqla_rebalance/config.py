@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigurationError
 
@@ -13,6 +14,20 @@ __all__ = ["DEFAULT_JITTER", "DEFAULT_POOL_NAME", "PoolConfig"]
 #: together expire spread over the last 20 % of ``pool_recycle``.
 DEFAULT_JITTER = 0.2
 DEFAULT_POOL_NAME = "default"
+
+#: ``target_role`` values (libpq's ``target_session_attrs`` names).
+TARGET_ROLES = ("any", "primary", "standby", "prefer-standby")
+#: DNS answers are re-resolved after their TTL, clamped to this range (s):
+#: at most once a second per name, and at least once a minute.
+DEFAULT_DNS_MIN_REFRESH = 1.0
+DEFAULT_DNS_MAX_REFRESH = 60.0
+#: Seconds between health checks of each host (CockroachDB's guidance is to
+#: notice a failure in under 10 s; a failed connect is noticed at once).
+DEFAULT_HEALTH_CHECK_INTERVAL = 2.0
+DEFAULT_UNHEALTHY_THRESHOLD = 3
+#: Seconds over which a rebalance moves connections (so that a new replica
+#: is not hit by every process's reconnects in the same instant).
+DEFAULT_REBALANCE_SPREAD = 1.0
 
 
 def _number(name: str, value: object) -> float:
@@ -42,6 +57,16 @@ class PoolConfig:
     min_size: int
     max_idle: float | None
     pool_name: str
+    #: ``hosts=`` as given (parsed by the pool, which knows the dialect).
+    hosts: Any = None
+    target_role: str = "any"
+    #: As given: nameserver strings, a dnspython ``Resolver``, or None (system).
+    dns_nameservers: Any = None
+    dns_min_refresh: float = DEFAULT_DNS_MIN_REFRESH
+    dns_max_refresh: float = DEFAULT_DNS_MAX_REFRESH
+    health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL
+    unhealthy_threshold: int = DEFAULT_UNHEALTHY_THRESHOLD
+    rebalance_spread: float = DEFAULT_REBALANCE_SPREAD
     # As given, so ``recreate()`` passes on exactly what the user passed.
     recycle_jitter_arg: float | None = None
     pool_name_arg: str | None = None
@@ -58,6 +83,14 @@ class PoolConfig:
         min_size: int,
         max_idle: float | None,
         pool_name: str | None,
+        hosts: Any = None,
+        target_role: str | None = None,
+        dns_nameservers: Any = None,
+        dns_min_refresh: float | None = None,
+        dns_max_refresh: float | None = None,
+        health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL,
+        unhealthy_threshold: int | None = None,
+        rebalance_spread: float | None = None,
     ) -> PoolConfig:
         pool_size = _integer("pool_size", pool_size)
         if pool_size < 0:
@@ -104,6 +137,44 @@ class PoolConfig:
                 )
         if pool_name is not None and (not isinstance(pool_name, str) or not pool_name.strip()):
             raise ConfigurationError(f"pool_name must be a non-empty string, got {pool_name!r}")
+        role = target_role if target_role is not None else "any"
+        if role not in TARGET_ROLES:
+            raise ConfigurationError(
+                f"target_role must be one of {', '.join(TARGET_ROLES)}, got {target_role!r}"
+            )
+        dns_min = _number(
+            "dns_min_refresh",
+            DEFAULT_DNS_MIN_REFRESH if dns_min_refresh is None else dns_min_refresh,
+        )
+        dns_max = _number(
+            "dns_max_refresh",
+            max(DEFAULT_DNS_MAX_REFRESH, dns_min) if dns_max_refresh is None else dns_max_refresh,
+        )
+        if dns_min <= 0:
+            raise ConfigurationError(f"dns_min_refresh must be > 0 seconds, got {dns_min}")
+        if dns_max < dns_min:
+            raise ConfigurationError(
+                f"dns_max_refresh ({dns_max}) must be >= dns_min_refresh ({dns_min})"
+            )
+        if health_check_interval is not None:
+            health_check_interval = _number("health_check_interval", health_check_interval)
+            if health_check_interval <= 0:
+                raise ConfigurationError(
+                    "health_check_interval must be a positive number of seconds, or None "
+                    f"to check only hosts that failed, got {health_check_interval}"
+                )
+        threshold = _integer(
+            "unhealthy_threshold",
+            DEFAULT_UNHEALTHY_THRESHOLD if unhealthy_threshold is None else unhealthy_threshold,
+        )
+        if threshold < 1:
+            raise ConfigurationError(f"unhealthy_threshold must be >= 1, got {threshold}")
+        spread = _number(
+            "rebalance_spread",
+            DEFAULT_REBALANCE_SPREAD if rebalance_spread is None else rebalance_spread,
+        )
+        if spread < 0:
+            raise ConfigurationError(f"rebalance_spread must be >= 0 seconds, got {spread}")
         return cls(
             pool_size=pool_size,
             max_overflow=max_overflow,
@@ -113,6 +184,14 @@ class PoolConfig:
             min_size=min_size,
             max_idle=max_idle,
             pool_name=pool_name or DEFAULT_POOL_NAME,
+            hosts=hosts,
+            target_role=role,
+            dns_nameservers=dns_nameservers,
+            dns_min_refresh=dns_min,
+            dns_max_refresh=dns_max,
+            health_check_interval=health_check_interval,
+            unhealthy_threshold=threshold,
+            rebalance_spread=spread,
             recycle_jitter_arg=recycle_jitter,
             pool_name_arg=pool_name,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import exc
 
-__all__ = ["ConfigurationError", "NotPooledError", "RebalanceError"]
+__all__ = ["ConfigurationError", "NoHostAvailableError", "NotPooledError", "RebalanceError"]
 
 
 class RebalanceError(Exception):
@@ -22,3 +22,11 @@ class ConfigurationError(exc.ArgumentError, RebalanceError):
 
 class NotPooledError(TypeError, RebalanceError):
     """The object given is not a connection checked out from a rebalancing pool."""
+
+
+class NoHostAvailableError(RebalanceError):
+    """No host can take a new connection (none matches ``target_role``, say).
+
+    When hosts were tried and failed, the last driver error is raised instead,
+    so that SQLAlchemy reports it as usual (``OperationalError``).
+    """

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -32,12 +33,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import event
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util import queue as sqla_queue
 
-from . import _sa, signals
-from .config import PoolConfig
+from . import _sa, signals, targets
+from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
+from .dns import Resolver
+from .errors import ConfigurationError, NoHostAvailableError
+from .hosts import UNKNOWN, UP, Changes, Host, HostSet, parse_hosts
 from .lifetime import (
     INFO_KEY,
     ConnState,
@@ -49,6 +54,7 @@ from .lifetime import (
 from .stats import (
     DISPOSE,
     ERROR,
+    HOST_DOWN,
     IDLE,
     LIFETIME,
     MANUAL,
@@ -109,6 +115,24 @@ class RebalancingQueuePool(QueuePool):
       ``QueuePool``).
     :param pool_name: name used in stats, logs and cluster-wide commands
       (default ``"default"``).
+    :param hosts: the hosts to spread connections over, ``"name:port"``
+      strings; a nested list is a lower-priority tier, used only while no host
+      of a better tier is healthy. Default: the URL's host(s). Every DNS name
+      stands for all its A/AAAA records.
+    :param target_role: ``"any"`` (default), ``"primary"``, ``"standby"`` or
+      ``"prefer-standby"``; checked on each connect and by health checks.
+    :param dns_nameservers: ``["ip:port", ...]`` or a dnspython ``Resolver``
+      (default: the system's resolver configuration).
+    :param dns_min_refresh: seconds; names are re-resolved when their TTL runs
+      out, but not more often than this (default 1).
+    :param dns_max_refresh: seconds; ... and at least this often (default 60).
+    :param health_check_interval: seconds between checks of each host (a
+      query on one of its idle connections; a connect probe for a host that
+      failed). None checks only hosts that failed. Default 2.
+    :param unhealthy_threshold: consecutive failures that mark a host down
+      (default 3).
+    :param rebalance_spread: seconds over which a rebalance moves connections
+      (default 1).
     """
 
     _is_asyncio = False
@@ -127,6 +151,14 @@ class RebalancingQueuePool(QueuePool):
         min_size: int = 0,
         max_idle: float | None = None,
         pool_name: str | None = None,
+        hosts: Any = None,
+        target_role: str | None = None,
+        dns_nameservers: Any = None,
+        dns_min_refresh: float | None = None,
+        dns_max_refresh: float | None = None,
+        health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL,
+        unhealthy_threshold: int | None = None,
+        rebalance_spread: float | None = None,
         **kw: Any,
     ) -> None:
         recreated = kw.pop("_recreated", False)
@@ -139,7 +171,16 @@ class RebalancingQueuePool(QueuePool):
             min_size=min_size,
             max_idle=max_idle,
             pool_name=pool_name,
+            hosts=hosts,
+            target_role=target_role,
+            dns_nameservers=dns_nameservers,
+            dns_min_refresh=dns_min_refresh,
+            dns_max_refresh=dns_max_refresh,
+            health_check_interval=health_check_interval,
+            unhealthy_threshold=unhealthy_threshold,
+            rebalance_spread=rebalance_spread,
         )
+        self._hostset = self._build_hostset(kw.get("dialect"))
         super().__init__(
             creator,
             pool_size=pool_size,
@@ -173,7 +214,12 @@ class RebalancingQueuePool(QueuePool):
         self._retry_at = 0.0
         self._idle_window_start = time.time()
         self._idle_window_min: int | None = None
-        _sa.wrap_creator(self, self._connect)
+        #: Connects in progress per host, so that a burst of them spreads out.
+        self._connecting: dict[str, int] = {}
+        self._choose_lock = threading.Lock()
+        self._rebalance_requested = False
+        self._unsteerable_warned = False
+        self._invoke_original = _sa.wrap_creator(self, self._connect)
         # Prefill at once for a new engine; a pool made by recreate() (that
         # is, by Engine.dispose(), often called at shutdown) waits for its
         # first connection before opening min_size more.
@@ -200,6 +246,14 @@ class RebalancingQueuePool(QueuePool):
             min_size=c.min_size,
             max_idle=c.max_idle,
             pool_name=c.pool_name_arg,
+            hosts=c.hosts,
+            target_role=c.target_role,
+            dns_nameservers=c.dns_nameservers,
+            dns_min_refresh=c.dns_min_refresh,
+            dns_max_refresh=c.dns_max_refresh,
+            health_check_interval=c.health_check_interval,
+            unhealthy_threshold=c.unhealthy_threshold,
+            rebalance_spread=c.rebalance_spread,
             _recreated=True,
             **_sa.recreate_kwargs(self),
         )
@@ -216,11 +270,30 @@ class RebalancingQueuePool(QueuePool):
         rec: ConnectionPoolEntry,
     ) -> DBAPIConnection:
         background = self._maint_token is not None and self._maint_token == self._token()
+        hostset = self._hostset
+        host_key: str | None = None
         try:
-            dbapi_connection = original(rec)
-        except BaseException:
-            self._counters.connect_failed()
-            raise
+            if hostset is None:
+                try:
+                    dbapi_connection = original(rec)
+                except BaseException:
+                    self._counters.connect_failed()
+                    raise
+            else:
+                dbapi_connection, host_key = self._connect_to_host(original, rec, hostset)
+            self._register(rec, dbapi_connection, host_key, background)
+        finally:
+            if host_key is not None:
+                self._release(host_key)
+        return dbapi_connection
+
+    def _register(
+        self,
+        rec: ConnectionPoolEntry,
+        dbapi_connection: DBAPIConnection,
+        host_key: str | None,
+        background: bool,
+    ) -> None:
         cfg = self._config
         started = _sa.starttime(rec)  # set by SQLAlchemy just before the connect
         self._connect_time += 0.3 * (max(0.0, time.time() - started) - self._connect_time)
@@ -232,7 +305,7 @@ class RebalancingQueuePool(QueuePool):
             if started > _sa.invalidation_floor(self, rec):
                 _sa.set_starttime(rec, _sa.clamp_starttime(self, rec, deadline - cfg.recycle))
         state = ConnState(
-            self, dbapi_connection, _describe_host(dbapi_connection), started, deadline
+            self, dbapi_connection, host_key or _describe_host(dbapi_connection), started, deadline
         )
         rec.info[INFO_KEY] = state
         self._states[rec] = state
@@ -245,7 +318,239 @@ class RebalancingQueuePool(QueuePool):
         self._ensure_registered()
         if signals.connection_opened.receivers:
             signals.connection_opened.send(self, host=state.host, background=background)
-        return dbapi_connection
+
+    # -- hosts -------------------------------------------------------------------
+    def _build_hostset(self, dialect: object) -> HostSet | None:
+        """Validate the host arguments; None when this pool cannot steer connects."""
+        cfg = self._config
+        self._adapter: targets.Adapter | None = None
+        if not isinstance(dialect, Dialect):
+            if cfg.hosts is not None:
+                raise ConfigurationError(
+                    "hosts= needs a pool made by create_engine() (it points the dialect's "
+                    "connect at each host); a bare pool with a creator cannot be steered"
+                )
+            return None
+        adapter = targets.adapter_for(dialect)
+        specs = None
+        if cfg.hosts is not None:
+            specs = parse_hosts(cfg.hosts, adapter.default_port, adapter.paths)
+        elif adapter.paths:
+            return None  # one SQLite file: nothing to spread over
+        resolver = None
+        nameservers = cfg.dns_nameservers
+        if nameservers is not None:
+            if isinstance(nameservers, str):
+                nameservers = [n for n in nameservers.split(",") if n.strip()]
+            resolver = Resolver(nameservers)  # raises ConfigurationError when malformed
+        self._adapter = adapter
+        targets.install(dialect)
+        return HostSet(
+            specs,
+            target_role=cfg.target_role,
+            resolver=resolver,
+            dns_min_refresh=cfg.dns_min_refresh,
+            dns_max_refresh=cfg.dns_max_refresh,
+            unhealthy_threshold=cfg.unhealthy_threshold,
+            health_check_interval=cfg.health_check_interval,
+        )
+
+    @property
+    def hostset(self) -> HostSet | None:
+        """The hosts this pool spreads over (None: one host, not managed)."""
+        return self._hostset
+
+    def _host_counts(self) -> dict[str, int]:
+        """Open connections per host, not counting those about to leave, plus
+        connects in progress."""
+        counts = dict(self._connecting)
+        for state in list(self._states.values()):
+            if not state.closed and state.retire_at is None:
+                counts[state.host] = counts.get(state.host, 0) + 1
+        return counts
+
+    def _reserve(self, hostset: HostSet, tried: list[str]) -> Host | None:
+        with self._choose_lock:
+            host = hostset.choose(self._host_counts(), tried)
+            if host is not None:
+                self._connecting[host.key] = self._connecting.get(host.key, 0) + 1
+            return host
+
+    def _release(self, key: str) -> None:
+        with self._choose_lock:
+            left = self._connecting.get(key, 0) - 1
+            if left > 0:
+                self._connecting[key] = left
+            else:
+                self._connecting.pop(key, None)
+
+    def _seed_hosts(
+        self, hostset: HostSet, tried: list[str]
+    ) -> Callable[[targets.Adapter, tuple[Any, ...], dict[str, Any]], Host | None]:
+        def seed(
+            adapter: targets.Adapter, cargs: tuple[Any, ...], cparams: dict[str, Any]
+        ) -> Host | None:
+            if not hostset.seeded:
+                hostset.seed(adapter.seed(cargs, cparams) or [])
+            hostset.refresh_dns()  # the first connect needs the addresses
+            if not len(hostset):
+                return None
+            return self._reserve(hostset, tried)
+
+        return seed
+
+    def _connect_to_host(
+        self,
+        original: Callable[[ConnectionPoolEntry], DBAPIConnection],
+        rec: ConnectionPoolEntry,
+        hostset: HostSet,
+    ) -> tuple[DBAPIConnection, str | None]:
+        """Connect to the best host; on failure try the next one, so the
+        checkout sees no error while any healthy host remains.
+
+        Returns the connection and its host key, reserved in ``_connecting``
+        (the caller releases it once the connection is registered).
+        """
+        tried: list[str] = []
+        last_error: BaseException | None = None
+        rejected: list[str] = []
+        while True:
+            if hostset.seeded:
+                if hostset.next_dns_refresh() == 0.0:
+                    hostset.refresh_dns()  # names given by hosts=, never resolved yet
+                host = self._reserve(hostset, tried)
+                if host is None:
+                    if last_error is not None:
+                        raise last_error
+                    raise NoHostAvailableError(
+                        f"pool {self.pool_name}: no host can take a connection with "
+                        f"target_role={self._config.target_role!r} "
+                        f"({'; '.join(rejected) or hostset.describe() or 'no hosts'})"
+                    )
+                target = targets.Target(host)
+            else:
+                target = targets.Target(None, seed=self._seed_hosts(hostset, tried))
+            token = targets.current_target().set(target)
+            try:
+                dbapi_connection = original(rec)
+            except Exception as err:
+                self._counters.connect_failed()
+                if target.host is None:
+                    raise
+                self._release(target.host.key)
+                tried.append(target.host.key)
+                last_error = err
+                self._host_failed(target.host.key, err)
+                continue
+            except BaseException:
+                if target.host is not None:
+                    self._release(target.host.key)
+                raise
+            finally:
+                targets.current_target().reset(token)
+            host = target.host
+            if not target.applied or host is None:
+                # A custom creator (not the dialect's connect), or a Unix
+                # socket: this pool cannot steer its connects.
+                if host is not None:
+                    self._release(host.key)
+                self._unsteerable(applied=target.applied)
+                return dbapi_connection, None
+            problem = self._check_role(hostset, host, dbapi_connection)
+            if problem is None:
+                return dbapi_connection, host.key
+            self._release(host.key)
+            tried.append(host.key)
+            rejected.append(problem)
+            with contextlib.suppress(Exception):
+                dbapi_connection.close()
+
+    def _check_role(self, hostset: HostSet, host: Host, dbapi_connection: Any) -> str | None:
+        """Record a successful connect, learning the host's role when it
+        matters; return why the connection does not fit, or None."""
+        want = self._config.target_role
+        role = None
+        if self._adapter is not None and (want != "any" or host.role == UNKNOWN):
+            try:
+                role = self._adapter.role(dbapi_connection)
+            except Exception as err:
+                self._host_failed(host.key, err)
+                return f"{host.key}: role check failed ({err})"
+        self._apply_changes(hostset.succeeded(host.key, role))
+        if role is None or want in ("any", "prefer-standby") or role == want:
+            return None
+        return f"{host.key} is a {role}"
+
+    def _unsteerable(self, applied: bool) -> None:
+        self._hostset = None
+        if applied or self._unsteerable_warned or self._config.hosts is None:
+            return
+        self._unsteerable_warned = True
+        log.warning(
+            "pool %s: hosts= is ignored: connections are made by a custom creator, "
+            "not by the dialect's connect",
+            self.pool_name,
+        )
+
+    def _invalidate(
+        self,
+        connection: Any,
+        exception: BaseException | None = None,
+        _checkin: bool = True,
+    ) -> None:
+        """A disconnect error on ``connection``.
+
+        SQLAlchemy then marks *every* connection of the pool stale, to be
+        reconnected at its next checkout: right for one server, but with
+        several hosts one failing host would make the pool drop its healthy
+        connections to all the others. Here only the failing host's
+        connections are marked (soft-invalidated: never closed while in use;
+        the idle ones are replaced in the background), and the host is
+        checked at once.
+        """
+        hostset = self._hostset
+        rec = getattr(connection, "_connection_record", None)
+        state = state_of(rec) if rec is not None else None
+        if hostset is None or len(hostset) < 2 or state is None or hostset.get(state.host) is None:
+            _sa.pool_invalidate(self, connection, exception, _checkin)
+            return
+        for other, other_state in list(self._states.items()):
+            if (
+                other_state.host == state.host
+                and other is not rec
+                and not other_state.closed
+                and other.dbapi_connection is other_state.dbapi  # not reconnected meanwhile
+            ):
+                other.invalidate(exception, soft=True)
+        if _checkin and getattr(connection, "is_valid", False):
+            connection.invalidate(exception)
+        hostset.suspect(state.host)
+        self._request_pass()
+
+    def _host_failed(self, key: str, error: BaseException) -> None:
+        hostset = self._hostset
+        if hostset is None:
+            return
+        log.info("pool %s: connect to %s failed: %s", self.pool_name, key, error)
+        self._apply_changes(hostset.failed(key, error))
+        # Probe it at once: a host that is really down is marked so within
+        # a few probe intervals, not after three more user requests.
+        self._request_pass()
+
+    def _apply_changes(self, changes: Changes) -> None:
+        """Signals, and a rebalance, after hosts changed (any thread)."""
+        if not changes:
+            return
+        for key in changes.down:
+            if signals.host_down.receivers:
+                signals.host_down.send(self, host=key)
+        for key in changes.up:
+            if signals.host_up.receivers:
+                signals.host_up.send(self, host=key)
+        if (changes.added or changes.removed) and signals.hosts_changed.receivers:
+            signals.hosts_changed.send(self, added=changes.added, removed=changes.removed)
+        self._rebalance_requested = True
+        self._request_pass()
 
     # -- checkin: the only hot-path override ---------------------------------
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
@@ -326,6 +631,140 @@ class RebalancingQueuePool(QueuePool):
             self._request_pass()
         return marked
 
+    def rebalance(self) -> int:
+        """Move only the excess connections off over-loaded hosts; return how many will move.
+
+        Each eligible host (healthy, best tier, matching ``target_role``)
+        gets an even share of the pool's connections; only those beyond a
+        host's share are retired (idle ones first), spread over
+        ``rebalance_spread`` seconds, and replaced on the hosts below their
+        share. Connections in use are retired at checkin, never while in use.
+        Hosts are rebalanced automatically when they change (DNS, health,
+        role); call this after changing something the pool cannot see.
+        """
+        marked = self._mark_moves(time.time())
+        if marked:
+            self._ensure_registered()
+            self._request_pass()
+        return marked
+
+    def set_hosts(self, hosts: Any) -> None:
+        """Replace the host list (same forms as ``hosts=``) and rebalance onto it.
+
+        Connections to hosts that are no longer listed are moved gracefully
+        (reason ``host_removed``); hosts still listed keep their health state.
+        """
+        hostset = self._hostset
+        adapter = self._adapter
+        if hostset is None or adapter is None:
+            raise ConfigurationError(
+                f"pool {self.pool_name} does not manage hosts (a Unix socket, one SQLite "
+                "file, or a custom creator)"
+            )
+        specs = parse_hosts(hosts, adapter.default_port, adapter.paths)
+        self._config = dataclasses.replace(self._config, hosts=hosts)
+        self._apply_changes(hostset.replace(specs))
+        self._apply_changes(hostset.refresh_dns())  # names new to the list
+        self._ensure_registered()
+
+    def refresh_hosts(self) -> None:
+        """Re-resolve every DNS name now, rather than when its TTL runs out."""
+        hostset = self._hostset
+        if hostset is not None and hostset.seeded:
+            self._apply_changes(hostset.refresh_dns(force=True))
+
+    def _mark_moves(self, now: float) -> int:
+        hostset = self._hostset
+        if hostset is None or not hostset.seeded:
+            return 0
+        counts: dict[str, int] = {}
+        movable: dict[str, list[tuple[ConnectionPoolEntry, ConnState]]] = {}
+        for rec, state in list(self._states.items()):
+            if state.closed or state.retire_at is not None:
+                continue
+            counts[state.host] = counts.get(state.host, 0) + 1
+            if not state.pinned:
+                movable.setdefault(state.host, []).append((rec, state))
+        moves = hostset.plan(counts)
+        marked = 0
+        for key, (n, reason) in moves.items():
+            # Idle ones first, then those closest to their end of life anyway.
+            candidates = sorted(
+                movable.get(key, ()),
+                key=lambda item: (item[0].in_use, item[1].deadline or item[1].connected_at),
+            )
+            spread = 0.0 if reason == HOST_DOWN else self._config.rebalance_spread
+            for _rec, state in candidates[:n]:
+                state.retire_at = now + (random.uniform(0.0, spread) if spread > 0 else 0.0)
+                state.retire_reason = reason
+                marked += 1
+        if marked:
+            log.info(
+                "pool %s: moving %d connections (%s) over %.1fs",
+                self.pool_name,
+                marked,
+                ", ".join(f"{key}: {n} {reason}" for key, (n, reason) in sorted(moves.items())),
+                self._config.rebalance_spread,
+            )
+        return marked
+
+    def _check_hosts(self, now: float) -> None:
+        """Health checks that are due: a query on an idle connection of each
+        up host (no extra connection, no churn), a connect probe of each host
+        that failed."""
+        hostset = self._hostset
+        if hostset is None:
+            return
+        for host in hostset.due_checks(now):
+            if host.health == UP:
+                self._ping_idle(hostset, host, now)
+            else:
+                self._probe(hostset, host)
+
+    def _ping_idle(self, hostset: HostSet, host: Host, now: float) -> None:
+        hostset.checked(host, now)
+        adapter = self._adapter
+        if adapter is None or adapter.standby_sql is None:
+            return
+        for rec in _sa.idle_records(self):
+            state = self._states.get(rec)
+            if state is not None and state.host == host.key and rec.dbapi_connection is not None:
+                break
+        else:
+            return  # nothing idle there: connects will tell if it fails
+        if not _sa.remove_idle(self, rec):
+            return  # checked out meanwhile: in use, so working
+        try:
+            role = adapter.role(rec.dbapi_connection)
+        except Exception as err:
+            # Broken: close it; the pass reconnects its slot in the background.
+            rec.invalidate(err)
+            _sa.queue_pool_return(self, rec)
+            self._host_failed(host.key, err)
+            return
+        _sa.queue_pool_return(self, rec)
+        self._apply_changes(hostset.succeeded(host.key, role))
+
+    def _probe(self, hostset: HostSet, host: Host) -> None:
+        """Connect to a suspect or down host, outside the pool, and close again."""
+        interval = self._config.health_check_interval or DEFAULT_HEALTH_CHECK_INTERVAL
+        target = targets.Target(host, probe_timeout=max(1.0, min(5.0, interval)))
+        token = targets.current_target().set(target)
+        conn = None
+        try:
+            conn = self._invoke_original(None)
+            role = self._adapter.role(conn) if self._adapter is not None else None
+        except Exception as err:
+            log.debug("pool %s: probe of %s failed: %s", self.pool_name, host.key, err)
+            self._apply_changes(hostset.failed(host.key, err))
+            return
+        finally:
+            targets.current_target().reset(token)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._apply_changes(hostset.succeeded(host.key, role))
+
     def stats(self) -> PoolStats:
         """A consistent-enough snapshot of the pool (cheap; not on the checkout path)."""
         idle = {id(r) for r in _sa.idle_records(self)}
@@ -363,11 +802,40 @@ class RebalancingQueuePool(QueuePool):
             connect_failures=c.connect_failures,
             checkouts_waited=c.connects - c.connects_background,
             retirements=dict(c.retirements),
-            hosts={
-                host: HostStats(host=host, open=h["open"], idle=h["idle"], in_use=h["in_use"])
-                for host, h in per_host.items()
-            },
+            hosts=self._host_stats(per_host),
         )
+
+    def _host_stats(self, per_host: dict[str, dict[str, int]]) -> dict[str, HostStats]:
+        out: dict[str, HostStats] = {}
+        hostset = self._hostset
+        known = hostset.hosts() if hostset is not None else []
+        for host in known:
+            h = per_host.get(host.key, {})
+            out[host.key] = HostStats(
+                host=host.key,
+                open=h.get("open", 0),
+                idle=h.get("idle", 0),
+                in_use=h.get("in_use", 0),
+                healthy=host.healthy,
+                role=host.role,
+                tier=host.tier,
+                failures=host.total_failures,
+                name=host.name,
+                address=host.address,
+                health=host.health,
+                last_error=host.last_error,
+            )
+        for key, h in per_host.items():
+            if key not in out:  # unmanaged, or removed from the host set
+                out[key] = HostStats(
+                    host=key,
+                    open=h["open"],
+                    idle=h["idle"],
+                    in_use=h["in_use"],
+                    health="removed" if hostset is not None else "up",
+                    healthy=hostset is None,
+                )
+        return out
 
     def dispose(self) -> None:
         """Close idle connections and spares, and stop maintenance of this pool.
@@ -403,6 +871,11 @@ class RebalancingQueuePool(QueuePool):
     # -- maintenance (runs in the worker thread, or in the event loop) --------
     def _run_maintenance(self) -> None:
         """Called by the worker when ``_next_due`` has come."""
+        hostset = self._hostset
+        if hostset is not None and hostset.seeded and hostset.next_dns_refresh() <= time.time():
+            # Here, in the worker thread, even for an asyncio pool: a DNS
+            # lookup blocks, and must not block the event loop.
+            self._apply_changes(hostset.refresh_dns())
         if not self._is_asyncio:
             self._wake = False
             next_due = self._maintain()
@@ -463,6 +936,14 @@ class RebalancingQueuePool(QueuePool):
     def _maintain_pass(self, now: float) -> float:
         next_due = now + MAX_SLEEP
         retired: dict[str, int] = {}
+        hostset = self._hostset
+
+        # 0. Hosts: health checks, then move connections if hosts changed.
+        if hostset is not None and hostset.seeded:
+            self._check_hosts(now)
+            if self._rebalance_requested:
+                self._rebalance_requested = False
+                self._mark_moves(now)
 
         # 1. Connections handed over by checkin.
         while self._retiring:
@@ -567,6 +1048,12 @@ class RebalancingQueuePool(QueuePool):
             due = state.due(starts.get(rec))
             if due is not None and due[0] > now and not state.pinned:
                 next_due = min(next_due, due[0])
+        if hostset is not None and hostset.seeded:
+            next_due = min(
+                next_due,
+                max(now + 0.01, hostset.next_check()),
+                max(now + 0.01, hostset.next_dns_refresh()),
+            )
 
         if retired:
             log.info(
@@ -752,6 +1239,10 @@ class RebalancingQueuePool(QueuePool):
                 _sa.dec_overflow(self)
         self._states = {}
         self._doomed = {}
+        self._connecting = {}
+        self._choose_lock = threading.Lock()
+        if self._hostset is not None:
+            self._hostset.after_fork()
         self._spares = []
         self._retiring = deque()
         self._async_inflight = False
@@ -769,6 +1260,8 @@ class RebalancingQueuePool(QueuePool):
         if reason is None:
             if self._disposing:
                 reason = DISPOSE
+            elif _sa.is_invalidated(self, rec):
+                reason = ERROR  # reconnected at checkout after a disconnect error
             elif state.deadline is not None and time.time() >= state.deadline:
                 reason = LIFETIME  # SQLAlchemy's own check, inside a checkout
             else:

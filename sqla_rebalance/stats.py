@@ -84,7 +84,15 @@ class Counters:
 
 @dataclass(frozen=True)
 class HostStats:
-    """Connections of one pool to one host."""
+    """Connections of one pool to one host, and what the pool knows of it.
+
+    ``host`` is the key used everywhere (``address:port``); ``name`` is the
+    DNS name or host given, ``address`` what it resolved to. ``health`` is
+    ``up``, ``suspect`` (a recent failure), ``down`` (``unhealthy_threshold``
+    failures in a row) or ``removed`` (gone from DNS or the host list while
+    connections to it remain). ``failures`` counts every failed connect or
+    check since the pool started.
+    """
 
     host: str
     open: int = 0
@@ -94,6 +102,10 @@ class HostStats:
     role: str = "unknown"
     tier: int = 0
     failures: int = 0
+    name: str | None = None
+    address: str | None = None
+    health: str = "up"
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,197 @@
+"""Host rotation with SQLite database files standing in for hosts: no server needed.
+
+A file in a directory that does not exist cannot be opened, which makes a
+"host" that refuses connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from sqlalchemy import create_engine, exc, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import QueuePool
+
+from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool
+from sqla_rebalance.errors import ConfigurationError
+
+from .helpers import manual_maintenance
+
+
+@pytest.fixture
+def files(tmp_path):
+    return [str(tmp_path / f"host{i}.db") for i in range(3)]
+
+
+@pytest.fixture
+def make(files):
+    made = []
+
+    def make(hosts=None, **kw):
+        kw.setdefault("pool_size", 6)
+        kw.setdefault("max_overflow", 0)
+        engine = create_engine(
+            f"sqlite:///{files[0]}",
+            poolclass=RebalancingQueuePool,
+            hosts=files if hosts is None else hosts,
+            **kw,
+        )
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.dispose()
+
+
+def fill(engine, n):
+    conns = [engine.connect() for _ in range(n)]
+    for conn in conns:
+        conn.close()
+
+
+def where(conn) -> str:
+    return conn.execute(text("select file from pragma_database_list where name='main'")).scalar()
+
+
+def test_connections_spread_and_go_to_the_chosen_file(make, files):
+    engine = make()
+    conns = [engine.connect() for _ in range(6)]
+    per_host = {k: h.open for k, h in engine.pool.stats().hosts.items()}
+    assert per_host == dict.fromkeys(files, 2)
+    # Each connection really is on the file its host key says.
+    for conn in conns:
+        state = conn.connection._connection_record.info["sqla_rebalance"]
+        assert where(conn) == state.host
+        conn.close()
+
+
+def test_a_refusing_host_is_skipped_within_the_checkout(make, files, tmp_path, monkeypatch):
+    manual_maintenance(monkeypatch)
+    bad = str(tmp_path / "missing-dir" / "x.db")
+    engine = make(hosts=[bad, *files[:2]], unhealthy_threshold=2)
+    fill(engine, 6)  # no error reaches the caller
+    stats = engine.pool.stats()
+    # One failure makes it suspect: later connects avoid it, no user pays twice.
+    assert stats.hosts[bad].health == "suspect"
+    assert stats.connect_failures == 1
+    assert "unable to open" in stats.hosts[bad].last_error
+    assert sorted(h.open for h in stats.hosts.values()) == [0, 3, 3]
+    # The health check probes it (outside the pool) and confirms: down.
+    engine.pool._check_hosts(time.time() + 60)
+    stats = engine.pool.stats()
+    assert (stats.hosts[bad].health, stats.hosts[bad].failures) == ("down", 2)
+    assert stats.connect_failures == 1  # probes are not pool connects
+    assert sorted(h.open for h in stats.hosts.values()) == [0, 3, 3]
+
+
+def test_all_hosts_refusing_raises_the_driver_error(make, tmp_path):
+    bad = [str(tmp_path / "nope" / f"{i}.db") for i in range(2)]
+    engine = make(hosts=bad)
+    with pytest.raises(exc.OperationalError, match="unable to open"):
+        engine.connect()
+    assert engine.pool.stats().connect_failures == 2  # each host tried once
+
+
+def test_recreated_pool_keeps_the_hosts(make, files):
+    engine = make()
+    fill(engine, 6)
+    engine.dispose()
+    fill(engine, 6)
+    assert {k: h.open for k, h in engine.pool.stats().hosts.items()} == dict.fromkeys(files, 2)
+    assert engine.pool.config.hosts == files
+
+
+def test_custom_creator_cannot_be_steered(files, caplog):
+    import sqlite3
+
+    engine = create_engine(
+        "sqlite://",
+        poolclass=RebalancingQueuePool,
+        creator=lambda: sqlite3.connect(files[0]),
+        hosts=files,
+    )
+    with caplog.at_level(logging.WARNING, logger="sqla_rebalance.pool"):
+        engine.connect().close()
+    assert "hosts= is ignored" in caplog.text
+    assert engine.pool.hostset is None
+    engine.dispose()
+
+
+def test_hosts_need_an_engine(files):
+    with pytest.raises(ConfigurationError, match="create_engine"):
+        RebalancingQueuePool(lambda: None, hosts=files)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"dns_min_refresh": 0}, "dns_min_refresh"),
+        ({"dns_min_refresh": 10, "dns_max_refresh": 5}, "dns_max_refresh"),
+        ({"health_check_interval": 0}, "health_check_interval"),
+        ({"unhealthy_threshold": 0}, "unhealthy_threshold"),
+        ({"rebalance_spread": -1}, "rebalance_spread"),
+        ({"target_role": "master"}, "target_role"),
+        ({"dns_nameservers": ["not an ip"]}, "nameserver"),
+    ],
+)
+def test_bad_settings_fail_at_create_engine(files, kw, message):
+    with pytest.raises(ConfigurationError, match=message):
+        create_engine(f"sqlite:///{files[0]}", poolclass=RebalancingQueuePool, hosts=files, **kw)
+
+
+def test_one_sqlite_file_is_not_managed(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/one.db", poolclass=RebalancingQueuePool)
+    engine.connect().close()
+    assert engine.pool.hostset is None
+    assert list(engine.pool.stats().hosts) == ["local"]
+    engine.dispose()
+
+
+def test_set_hosts_on_an_unmanaged_pool_is_refused(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/one.db", poolclass=RebalancingQueuePool)
+    with pytest.raises(ConfigurationError, match="does not manage hosts"):
+        engine.pool.set_hosts(["a.db"])
+    engine.dispose()
+
+
+def test_plain_queuepool_unaffected_by_installed_hook(files):
+    # The dialect hook only acts inside a rebalancing pool's connect.
+    engine = create_engine(f"sqlite:///{files[0]}", poolclass=QueuePool)
+    with engine.connect() as conn:
+        assert where(conn) == files[0]
+    engine.dispose()
+
+
+def test_async_engine_spreads_over_files(files):
+    pytest.importorskip("aiosqlite")
+
+    async def run():
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{files[0]}",
+            poolclass=AsyncRebalancingQueuePool,
+            pool_size=6,
+            max_overflow=0,
+            hosts=files,
+        )
+        conns = [await engine.connect() for _ in range(6)]
+        seen = []
+        for conn in conns:
+            seen.append(
+                (
+                    await conn.execute(
+                        text("select file from pragma_database_list where name='main'")
+                    )
+                ).scalar()
+            )
+            await conn.close()
+        per_host = {k: h.open for k, h in engine.sync_engine.pool.stats().hosts.items()}
+        await engine.dispose()
+        return seen, per_host
+
+    seen, per_host = asyncio.run(run())
+    assert sorted(seen) == sorted(files * 2)
+    assert per_host == dict.fromkeys(files, 2)

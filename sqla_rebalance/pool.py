@@ -216,6 +216,8 @@ class RebalancingQueuePool(QueuePool):
         self._idle_window_min: int | None = None
         #: Connects in progress per host, so that a burst of them spreads out.
         self._connecting: dict[str, int] = {}
+        #: Hosts being probed (one probe per host at a time).
+        self._probing: set[str] = set()
         self._choose_lock = threading.Lock()
         self._rebalance_requested = False
         self._unsteerable_warned = False
@@ -715,11 +717,16 @@ class RebalancingQueuePool(QueuePool):
         hostset = self._hostset
         if hostset is None:
             return
+        # With one host and any role there is nothing to choose between:
+        # periodic checks would only cost queries.
+        periodic = len(hostset) > 1 or self._config.target_role != "any"
         for host in hostset.due_checks(now):
-            if host.health == UP:
+            if host.health != UP:
+                self._probe(hostset, host)
+            elif periodic:
                 self._ping_idle(hostset, host, now)
             else:
-                self._probe(hostset, host)
+                hostset.checked(host, now)
 
     def _ping_idle(self, hostset: HostSet, host: Host, now: float) -> None:
         hostset.checked(host, now)
@@ -746,6 +753,31 @@ class RebalancingQueuePool(QueuePool):
         self._apply_changes(hostset.succeeded(host.key, role))
 
     def _probe(self, hostset: HostSet, host: Host) -> None:
+        """Probe a suspect or down host without holding up the worker.
+
+        A sync pool probes in a short-lived thread (one per host at a time):
+        a connect to an unreachable host can hang until its timeout, and the
+        worker serves every pool of the process meanwhile. An asyncio pool
+        probes in its event loop, where the wait is an ``await``.
+        """
+        if self._is_asyncio:
+            self._probe_now(hostset, host)
+            return
+        with self._choose_lock:
+            if host.key in self._probing:
+                return
+            self._probing.add(host.key)
+
+        def run() -> None:
+            try:
+                self._probe_now(hostset, host)
+            finally:
+                with self._choose_lock:
+                    self._probing.discard(host.key)
+
+        threading.Thread(target=run, name=f"sqla-rebalance-probe-{host.key}", daemon=True).start()
+
+    def _probe_now(self, hostset: HostSet, host: Host) -> None:
         """Connect to a suspect or down host, outside the pool, and close again."""
         interval = self._config.health_check_interval or DEFAULT_HEALTH_CHECK_INTERVAL
         target = targets.Target(host, probe_timeout=max(1.0, min(5.0, interval)))
@@ -1240,6 +1272,7 @@ class RebalancingQueuePool(QueuePool):
         self._states = {}
         self._doomed = {}
         self._connecting = {}
+        self._probing = set()
         self._choose_lock = threading.Lock()
         if self._hostset is not None:
             self._hostset.after_fork()

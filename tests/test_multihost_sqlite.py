@@ -18,7 +18,7 @@ from sqlalchemy.pool import QueuePool
 from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool
 from sqla_rebalance.errors import ConfigurationError
 
-from .helpers import manual_maintenance
+from .helpers import manual_maintenance, wait_for
 
 
 @pytest.fixture
@@ -82,6 +82,7 @@ def test_a_refusing_host_is_skipped_within_the_checkout(make, files, tmp_path, m
     assert sorted(h.open for h in stats.hosts.values()) == [0, 3, 3]
     # The health check probes it (outside the pool) and confirms: down.
     engine.pool._check_hosts(time.time() + 60)
+    wait_for(lambda: engine.pool.stats().hosts[bad].health == "down")
     stats = engine.pool.stats()
     assert (stats.hosts[bad].health, stats.hosts[bad].failures) == ("down", 2)
     assert stats.connect_failures == 1  # probes are not pool connects

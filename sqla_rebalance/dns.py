@@ -1,0 +1,501 @@
+"""Name resolution for the host set: every A and AAAA record of a name is a host.
+
+Why not just ``socket.getaddrinfo``: it does not say how long an answer stays
+valid, so a pool could not follow a cluster whose DNS records change (a
+failover, a scaled-out replica set) any sooner than a fixed poll. dnspython
+(the optional ``dns`` extra) gives the records *and* their TTL, and lets tests
+and users point at a specific nameserver (``127.0.0.1:5353``).
+
+Rules, in the order :meth:`Resolver.resolve` applies them:
+
+1. **IP literals** (``10.0.0.5``, ``::1``, ``[::1]``) are returned as they are,
+   with ``source="literal"`` and ``ttl=inf``: no query, nothing to refresh.
+2. **localhost** (and any ``*.localhost`` name, RFC 6761 section 6.3) is
+   always the single address ``127.0.0.1``, ``source="literal"``,
+   ``ttl=inf``, without any lookup. The system usually maps ``localhost`` to
+   both ``127.0.0.1`` and ``::1``; taking both would silently turn one local
+   server into two "hosts" (and the IPv6 one often has nobody listening).
+   The IPv4 loopback exists on every host, including those with IPv6
+   disabled. Write ``::1`` to use the IPv6 loopback.
+3. **Explicit nameservers** (strings): A and AAAA are queried there; the name
+   is absolute (no search list), nothing is cached by dnspython.
+4. **A dnspython ``Resolver`` object** is used as configured (its search
+   setting, its cache); it is never modified. With a cache, the TTL reported
+   is the time the cached answer has left.
+5. **System configuration** (``nameservers=None``) with dnspython: the
+   nameservers, search list and ``ndots`` of ``/etc/resolv.conf``, so a short
+   name (``postgres`` in a Kubernetes namespace) resolves as it does for the
+   database driver. When DNS says the name does not exist (NXDOMAIN, or no
+   address records) the system's own resolver (``getaddrinfo``: ``/etc/hosts``
+   and other NSS sources) is asked before giving up, with
+   ``source="system"`` and ``ttl=SYSTEM_TTL``.
+6. **Without dnspython** (and ``nameservers=None``): ``getaddrinfo`` only,
+   ``source="system"``, ``ttl=SYSTEM_TTL``.
+
+A query never takes longer than the resolver's ``timeout`` in total (both
+record types together); ``getaddrinfo``, which cannot be interrupted, runs in
+a short-lived daemon thread that is abandoned when the time is up. (A
+dnspython ``Resolver`` object passed in keeps its own retry pacing, which can
+overrun ``timeout`` by one of dnspython's back-off sleeps.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import ConfigurationError, RebalanceError
+
+if TYPE_CHECKING:
+    import dns.resolver
+
+__all__ = [
+    "DEFAULT_PORT",
+    "LOCALHOST_ADDRESS",
+    "SYSTEM_TTL",
+    "Answer",
+    "DnsError",
+    "DnsErrorKind",
+    "Resolver",
+    "parse_nameserver",
+    "refresh_delay",
+]
+
+log = logging.getLogger("sqla_rebalance.dns")
+
+#: Port of a nameserver given without one.
+DEFAULT_PORT = 53
+
+#: TTL reported for answers from ``getaddrinfo``, which does not return one.
+#: Short enough that a changed record is followed within half a minute, long
+#: enough that a process asks the system resolver only twice a minute per
+#: name. ``refresh_delay`` still clamps it into the pool's refresh bounds.
+SYSTEM_TTL = 30.0
+
+#: The one address every ``localhost`` name stands for (see the module docstring).
+LOCALHOST_ADDRESS = "127.0.0.1"
+
+DnsErrorKind = Literal["nxdomain", "empty", "timeout", "error"]
+
+_Source = Literal["dns", "system", "literal"]
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The addresses of one name and how long they may be used before asking again."""
+
+    #: Text addresses, de-duplicated, IPv4 first then IPv6, each in numeric order
+    #: (so two answers with the same records compare equal).
+    addresses: tuple[str, ...]
+    #: Seconds the answer may be kept: the smallest TTL of the records used
+    #: (CNAMEs included); ``inf`` for literals and ``localhost``, which never
+    #: change; ``SYSTEM_TTL`` when ``getaddrinfo`` answered.
+    ttl: float
+    #: ``"dns"`` (dnspython), ``"system"`` (``getaddrinfo``) or ``"literal"``.
+    source: _Source
+
+
+class DnsError(RebalanceError):
+    """A name could not be resolved.
+
+    ``kind`` tells the caller what it may conclude:
+
+    - ``"nxdomain"``: the name does not exist;
+    - ``"empty"``: it exists but has neither A nor AAAA records;
+    - ``"timeout"``: no nameserver answered in time (timed out or unreachable);
+    - ``"error"``: anything else (SERVFAIL, REFUSED, a malformed name, ...).
+
+    Only the first two are statements about the name; after the others the
+    previous answer is as good as it was.
+    """
+
+    def __init__(self, name: str, kind: DnsErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.kind: DnsErrorKind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default pickling calls cls(*args) with only the message.
+        return (type(self), (self.name, self.kind, str(self)))
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """``"ip"``, ``"ip:port"``, ``"v6"`` or ``"[v6]:port"`` as ``(address, port)``.
+
+    Only IP addresses are accepted: a nameserver given by name would need a
+    nameserver to find it. Raises :class:`ConfigurationError` with the reason.
+    """
+    if not isinstance(text, str):
+        raise ConfigurationError(
+            f"a DNS nameserver must be a string such as '127.0.0.1:5353', got {text!r}"
+        )
+    spec = text.strip()
+    host, port_text = spec, None
+    if spec.startswith("["):
+        end = spec.find("]")
+        if end < 0:
+            raise ConfigurationError(f"DNS nameserver {text!r}: missing ']' after the address")
+        host, rest = spec[1:end], spec[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigurationError(
+                    f"DNS nameserver {text!r}: expected ':port' after ']', got {rest!r}"
+                )
+            port_text = rest[1:]
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+    # Otherwise no colon (IPv4 without port) or several (a bare IPv6 address).
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigurationError(
+            f"DNS nameserver {text!r}: {host!r} is not an IP address "
+            "(use 'ip', 'ip:port' or '[ipv6]:port')"
+        ) from None
+    if spec.startswith("[") and address.version == 4:
+        raise ConfigurationError(
+            f"DNS nameserver {text!r}: brackets are for IPv6 addresses, write {host}:port"
+        )
+    port = DEFAULT_PORT
+    if port_text is not None:
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise ConfigurationError(f"DNS nameserver {text!r}: port {port_text!r} is not a number")
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ConfigurationError(f"DNS nameserver {text!r}: port {port} is out of range")
+    return str(address), port
+
+
+def refresh_delay(ttl: float, min_refresh: float, max_refresh: float) -> float:
+    """Seconds until a name should be resolved again: its TTL clamped to the bounds.
+
+    ``min_refresh`` protects the nameserver from a TTL of 0 or 1 multiplied by
+    every process of a fleet; ``max_refresh`` bounds how long a record change
+    can go unnoticed behind a long TTL. An infinite TTL (a literal or
+    ``localhost``, which never change) gives ``max_refresh``; callers may
+    skip refreshing those altogether.
+    """
+    if not (0 <= min_refresh <= max_refresh < math.inf):
+        raise ValueError(
+            f"need 0 <= min_refresh <= max_refresh < inf, got {min_refresh}, {max_refresh}"
+        )
+    if math.isnan(ttl):
+        raise ValueError("ttl is NaN")
+    return min(max_refresh, max(min_refresh, ttl))
+
+
+def _dnspython() -> ModuleType | None:
+    """``dns.resolver`` (with the modules used here loaded), or None without the extra."""
+    try:
+        import dns.exception
+        import dns.nameserver
+        import dns.rdatatype
+        import dns.resolver
+    except ImportError:
+        return None
+    return dns.resolver
+
+
+def _literal(name: str) -> _IPAddress | None:
+    text = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_localhost(name: str) -> bool:
+    name = name.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def _sorted_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
+    """Normalised, de-duplicated, IPv4 before IPv6, numeric order within a family."""
+    parsed = {ipaddress.ip_address(a) for a in addresses}
+    ordered = sorted(parsed, key=lambda ip: (ip.version, ip.packed, str(ip)))
+    return tuple(str(ip) for ip in ordered)
+
+
+class Resolver:
+    """Resolves names to all their A and AAAA addresses, within a time limit.
+
+    ``nameservers``: ``"ip"``, ``"ip:port"`` or ``"[v6]:port"`` strings
+    (queried in order), a ready ``dns.resolver.Resolver``, or None for the
+    system configuration (see the module docstring for what each means).
+    Invalid values raise :class:`ConfigurationError` here, not at the first
+    query. ``timeout`` bounds one :meth:`resolve` call, all queries included.
+
+    Thread-safe: the dnspython resolver is configured here and never changed
+    afterwards; each query keeps its state in its own dnspython resolution
+    object. (A resolver object passed in must not be reconfigured while in use.)
+    """
+
+    __slots__ = ("_description", "_dns", "_resolver", "_search", "_system_fallback", "_timeout")
+
+    _resolver: dns.resolver.Resolver | None
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | dns.resolver.Resolver | None = None,
+        timeout: float = 2.0,
+    ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ConfigurationError(f"DNS timeout must be a number of seconds, got {timeout!r}")
+        if not 0 < timeout < math.inf:
+            raise ConfigurationError(f"DNS timeout must be a positive number, got {timeout!r}")
+        self._timeout = float(timeout)
+        self._dns = _dnspython()
+        self._resolver = None
+        self._search: bool | None = False
+        self._system_fallback = False
+        if nameservers is None:
+            self._configure_system()
+        elif isinstance(nameservers, str):
+            raise ConfigurationError(
+                f"dns_nameservers must be a list of strings, such as [{nameservers!r}], "
+                "not a single string"
+            )
+        elif isinstance(nameservers, Sequence):
+            self._configure_nameservers(nameservers)
+        else:
+            if self._dns is None or not isinstance(nameservers, self._dns.Resolver):
+                raise ConfigurationError(
+                    "dns_nameservers must be a list of 'ip[:port]' strings, a "
+                    f"dns.resolver.Resolver or None, got {nameservers!r}"
+                )
+            self._resolver = nameservers
+            self._search = None  # the object's own use_search_by_default
+            self._description = f"{type(nameservers).__name__} object"
+
+    def _configure_nameservers(self, nameservers: Sequence[str]) -> None:
+        servers = [parse_nameserver(s) for s in nameservers]
+        if not servers:
+            raise ConfigurationError(
+                "dns_nameservers is empty: give at least one 'ip[:port]', or None to use "
+                "the system configuration"
+            )
+        if self._dns is None:
+            raise ConfigurationError(
+                "dns_nameservers needs dnspython: install the 'dns' extra "
+                "(pip install 'sqla-rebalance[dns]')"
+            )
+        import dns.name
+        import dns.nameserver
+
+        resolver = self._dns.Resolver(configure=False)
+        resolver.domain = dns.name.root
+        resolver.search = []
+        self._setup(resolver, [dns.nameserver.Do53Nameserver(a, p) for a, p in servers])
+        self._description = ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in servers)
+
+    def _configure_system(self) -> None:
+        self._description = "system"
+        if self._dns is None:
+            return  # getaddrinfo only
+        try:
+            resolver = self._dns.Resolver()
+        except Exception as exc:
+            # No /etc/resolv.conf, or one without nameservers (some containers):
+            # the system resolver may still work through other NSS sources.
+            log.debug("no usable DNS configuration (%s); using getaddrinfo", exc)
+            return
+        self._description = "system: " + ", ".join(str(s) for s in resolver.nameservers)
+        self._setup(resolver, list(resolver.nameservers))
+        self._search = True  # as getaddrinfo would, with the system's search list and ndots
+        self._system_fallback = True
+
+    def _setup(self, resolver: dns.resolver.Resolver, servers: list[Any]) -> None:
+        resolver.cache = None  # TTLs are handled by the caller
+        resolver.lifetime = self._timeout
+        # Per-attempt timeout: each nameserver gets at least two tries within the
+        # budget, so a dead first server or one lost datagram does not use it all.
+        attempt = min(resolver.timeout, self._timeout / (2 * len(servers)))
+        resolver.timeout = attempt
+        # dnspython sleeps (0.1 s, doubling up to 2 s) between rounds over the
+        # nameserver list without looking at the lifetime, which would overrun
+        # ``timeout``. Listing the servers enough times over that the lifetime runs
+        # out within the first round means retries never wait for that sleep.
+        rounds = math.ceil(self._timeout / (attempt * len(servers))) + 1
+        resolver.nameservers = servers * rounds
+        self._resolver = resolver
+
+    @property
+    def timeout(self) -> float:
+        """Upper bound, in seconds, of one :meth:`resolve` call."""
+        return self._timeout
+
+    def __repr__(self) -> str:
+        return f"<Resolver {self._description} timeout={self._timeout:g}s>"
+
+    def resolve(self, name: str) -> Answer:
+        """All A and AAAA addresses of ``name``; raises :class:`DnsError` if there are none.
+
+        Both record types are asked for; one of them having no records is
+        normal. If one query fails (times out, SERVFAIL) the whole call
+        fails rather than returning only the other family: half an answer
+        would silently drop hosts, while an error lets the caller keep the
+        previous, complete one.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise DnsError(str(name), "error", f"cannot resolve {name!r}: not a host name")
+        literal = _literal(name)
+        if literal is not None:
+            return Answer((str(literal),), math.inf, "literal")
+        if _is_localhost(name):
+            return Answer((LOCALHOST_ADDRESS,), math.inf, "literal")
+        deadline = time.monotonic() + self._timeout
+        if self._resolver is None:
+            return self._resolve_system(name, deadline)
+        try:
+            return self._resolve_dns(self._resolver, name, deadline)
+        except DnsError as exc:
+            if not (self._system_fallback and exc.kind in ("nxdomain", "empty")):
+                raise
+            try:
+                answer = self._resolve_system(name, deadline)
+            except DnsError as sys_exc:
+                log.debug("getaddrinfo(%r) after %s failed too: %s", name, exc.kind, sys_exc)
+                raise exc from None
+            log.debug("%r is not in DNS (%s) but getaddrinfo knows it", name, exc.kind)
+            return answer
+
+    def _resolve_dns(self, resolver: dns.resolver.Resolver, name: str, deadline: float) -> Answer:
+        import dns.exception
+        import dns.rdatatype
+        import dns.resolver
+
+        addresses: list[str] = []
+        ttl = math.inf
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DnsError(name, "timeout", self._timeout_message(name, "time was up"))
+            try:
+                answer = resolver.resolve(
+                    name,
+                    rdtype,
+                    search=self._search,
+                    lifetime=remaining,
+                    raise_on_no_answer=False,
+                )
+            except dns.resolver.NXDOMAIN:
+                # The name does not exist at all: no need to ask for the other type.
+                raise DnsError(name, "nxdomain", f"DNS name {name!r} does not exist") from None
+            except dns.resolver.NoAnswer:
+                continue  # NODATA (a resolver object that raises on no answer)
+            except dns.exception.Timeout as exc:
+                detail = _summary(exc.kwargs.get("errors")) or "the DNS operation timed out"
+                raise DnsError(name, "timeout", self._timeout_message(name, detail)) from None
+            except dns.resolver.NoNameservers as exc:
+                errors = exc.kwargs.get("errors") or []
+                # Every server timed out or could not be reached: nobody answered.
+                unreachable = all(
+                    isinstance(e[3], (OSError, EOFError, dns.exception.Timeout)) for e in errors
+                )
+                if errors and unreachable:
+                    raise DnsError(
+                        name, "timeout", self._timeout_message(name, _summary(errors))
+                    ) from None
+                raise DnsError(
+                    name, "error", f"resolving {name!r} failed: {_summary(errors) or exc}"
+                ) from None
+            except Exception as exc:
+                raise DnsError(
+                    name, "error", f"resolving {name!r} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            rrset = answer.rrset
+            if rrset is None:
+                continue
+            addresses.extend(rdata.address for rdata in rrset)
+            answer_ttl = float(answer.chaining_result.minimum_ttl)  # CNAMEs included
+            if resolver.cache is not None:
+                # Possibly a cached answer: what it has left, not its original TTL.
+                answer_ttl = min(answer_ttl, max(0.0, answer.expiration - time.time()))
+            ttl = min(ttl, answer_ttl)
+        if not addresses:
+            raise DnsError(name, "empty", f"DNS name {name!r} has no A or AAAA records")
+        return Answer(_sorted_addresses(addresses), ttl, "dns")
+
+    def _timeout_message(self, name: str, detail: str) -> str:
+        return (
+            f"no nameserver ({self._description}) answered for {name!r} within "
+            f"{self._timeout:g} s: {detail}"
+        )
+
+    def _resolve_system(self, name: str, deadline: float) -> Answer:
+        try:
+            infos = _getaddrinfo(name, deadline - time.monotonic())
+        except TimeoutError:
+            raise DnsError(
+                name, "timeout", f"the system resolver did not answer for {name!r} in time"
+            ) from None
+        except socket.gaierror as exc:
+            kind: DnsErrorKind = (
+                "error" if exc.errno is None else _GAI_KINDS.get(exc.errno, "error")
+            )
+            raise DnsError(name, kind, f"resolving {name!r} failed: {exc.strerror}") from None
+        except (OSError, UnicodeError) as exc:
+            raise DnsError(name, "error", f"resolving {name!r} failed: {exc}") from None
+        addresses = [
+            str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)
+        ]
+        if not addresses:
+            raise DnsError(name, "empty", f"{name!r} has no IPv4 or IPv6 address")
+        return Answer(_sorted_addresses(addresses), SYSTEM_TTL, "system")
+
+
+def _summary(errors: Sequence[tuple[Any, ...]] | None) -> str:
+    """dnspython's per-attempt errors, each distinct one once (retries repeat them)."""
+    seen = dict.fromkeys(f"{e[0]} answered {e[3]}" for e in errors or ())
+    return "; ".join(seen)
+
+
+_GAI_KINDS: dict[int, DnsErrorKind] = {
+    socket.EAI_NONAME: "nxdomain",
+    socket.EAI_AGAIN: "timeout",
+}
+for _code in ("EAI_NODATA", "EAI_ADDRFAMILY"):  # glibc only
+    if hasattr(socket, _code):
+        _GAI_KINDS[getattr(socket, _code)] = "empty"
+
+
+_AddrInfo = tuple[Any, Any, int, str, tuple[Any, ...]]
+
+
+def _getaddrinfo(name: str, timeout: float) -> list[_AddrInfo]:
+    """``socket.getaddrinfo`` that gives up (TimeoutError) after ``timeout`` seconds.
+
+    getaddrinfo cannot be interrupted, so it runs in a daemon thread that is
+    left to finish on its own if it is late: the caller (a request thread on
+    first use) must not wait for the system resolver's own, much longer,
+    retries.
+    """
+    if timeout <= 0:
+        raise TimeoutError
+    result: list[list[_AddrInfo]] = []
+    failure: list[Exception] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(socket.getaddrinfo(name, None, type=socket.SOCK_STREAM))
+        except Exception as exc:  # handed to the caller
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="sqla-rebalance-getaddrinfo", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError
+    if failure:
+        raise failure[0]
+    return result[0]

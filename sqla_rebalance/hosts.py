@@ -67,6 +67,8 @@ STANDBY = "standby"
 
 #: Seconds between probes of a suspect host: confirm a failure (or clear it) fast.
 SUSPECT_PROBE_INTERVAL = 0.2
+#: A host of the wrong role is probed this many health intervals apart.
+ROLE_PROBE_FACTOR = 5
 
 
 @dataclass(frozen=True)
@@ -547,8 +549,28 @@ class HostSet:
                 )
             host.health = UP
             host.down_since = None
-            host.next_check = self._now() + (self.health_check_interval or math.inf)
+            interval = self.health_check_interval or math.inf
+            if not self.role_fits(host):
+                # Not used by this pool: probed (a connect) only now and then,
+                # to notice a promotion or demotion.
+                interval *= ROLE_PROBE_FACTOR
+            host.next_check = self._now() + interval
         return changes
+
+    def may_be_standby(self, exclude: Iterable[str]) -> bool:
+        """Is a healthy standby, or a host of unknown role, left outside ``exclude``?"""
+        excluded = set(exclude)
+        with self._lock:
+            return any(
+                h.healthy and h.role in (STANDBY, UNKNOWN) and h.key not in excluded
+                for h in self._hosts.values()
+            )
+
+    def role_fits(self, host: Host) -> bool:
+        """Could this pool use ``host`` as far as its role goes?"""
+        if self.target_role in ("any", "prefer-standby"):
+            return True
+        return host.role in (self.target_role, UNKNOWN)
 
     def suspect(self, key: str) -> None:
         """A connection to ``key`` broke: check the host now (not a failure

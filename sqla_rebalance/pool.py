@@ -42,7 +42,7 @@ from . import _sa, signals, targets
 from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
 from .dns import Resolver
 from .errors import ConfigurationError, NoHostAvailableError
-from .hosts import UNKNOWN, UP, Changes, Host, HostSet, parse_hosts
+from .hosts import STANDBY, UNKNOWN, UP, Changes, Host, HostSet, parse_hosts
 from .lifetime import (
     INFO_KEY,
     ConnState,
@@ -458,7 +458,7 @@ class RebalancingQueuePool(QueuePool):
                     self._release(host.key)
                 self._unsteerable(applied=target.applied)
                 return dbapi_connection, None
-            problem = self._check_role(hostset, host, dbapi_connection)
+            problem = self._check_role(hostset, host, dbapi_connection, tried)
             if problem is None:
                 return dbapi_connection, host.key
             self._release(host.key)
@@ -467,7 +467,9 @@ class RebalancingQueuePool(QueuePool):
             with contextlib.suppress(Exception):
                 dbapi_connection.close()
 
-    def _check_role(self, hostset: HostSet, host: Host, dbapi_connection: Any) -> str | None:
+    def _check_role(
+        self, hostset: HostSet, host: Host, dbapi_connection: Any, tried: list[str]
+    ) -> str | None:
         """Record a successful connect, learning the host's role when it
         matters; return why the connection does not fit, or None."""
         want = self._config.target_role
@@ -479,8 +481,15 @@ class RebalancingQueuePool(QueuePool):
                 self._host_failed(host.key, err)
                 return f"{host.key}: role check failed ({err})"
         self._apply_changes(hostset.succeeded(host.key, role))
-        if role is None or want in ("any", "prefer-standby") or role == want:
+        if role is None or want in ("any", role):
             return None
+        if want == "prefer-standby":
+            if role == STANDBY:
+                return None
+            # A primary only when no standby (or host of unknown role) is left to try.
+            if not hostset.may_be_standby(exclude=[*tried, host.key]):
+                return None
+            return f"{host.key} is a {role}, trying for a standby"
         return f"{host.key} is a {role}"
 
     def _unsteerable(self, applied: bool) -> None:
@@ -721,7 +730,9 @@ class RebalancingQueuePool(QueuePool):
         # periodic checks would only cost queries.
         periodic = len(hostset) > 1 or self._config.target_role != "any"
         for host in hostset.due_checks(now):
-            if host.health != UP:
+            if host.health != UP or not hostset.role_fits(host):
+                # Failed, or of a role this pool does not use (so it holds no
+                # connection to ping): a connect probe.
                 self._probe(hostset, host)
             elif periodic:
                 self._ping_idle(hostset, host, now)

@@ -55,3 +55,31 @@ def test_child_restarts_worker_lazily_and_leaves_parent_connections_alone(tmp_pa
         assert conn.execute(text("select 1")).scalar() == 1
     engine.dispose()
     sys.stdout.flush()
+
+
+def test_child_uses_a_multi_host_pool(tmp_path):
+    hosts = [str(tmp_path / f"h{i}.db") for i in range(2)]
+    engine = create_engine(
+        f"sqlite:///{hosts[0]}", poolclass=RebalancingQueuePool, pool_size=4, hosts=hosts
+    )
+    conns = [engine.connect() for _ in range(4)]
+    for conn in conns:
+        conn.close()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            engine.dispose(close=False)
+            conns = [engine.connect() for _ in range(4)]
+            per_host = {k: h.open for k, h in engine.pool.stats().hosts.items()}
+            os.write(write, b"ok" if per_host == dict.fromkeys(hosts, 2) else b"bad")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 10) == b"ok"
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert {k: h.open for k, h in engine.pool.stats().hosts.items()} == dict.fromkeys(hosts, 2)
+    engine.dispose()

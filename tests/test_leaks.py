@@ -45,6 +45,24 @@ def test_thousand_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
     assert open_fds() == fds
 
 
+def test_multi_host_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
+    hosts = [str(tmp_path / f"h{i}.db") for i in range(3)]
+    wait_for(settle)
+    threads, fds = threading.active_count(), open_fds()
+    for _ in range(300):
+        engine = create_engine(
+            f"sqlite:///{hosts[0]}", poolclass=RebalancingQueuePool, pool_size=3, hosts=hosts
+        )
+        conns = [engine.connect() for _ in range(3)]
+        for conn in conns:
+            conn.close()
+        engine.dispose()
+        del engine, conns, conn
+    wait_for(settle)
+    assert threading.active_count() == threads
+    assert open_fds() == fds
+
+
 def test_worker_holds_pools_weakly(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path}/w.db", poolclass=RebalancingQueuePool, min_size=1)
     wait_for(lambda: engine.pool.checkedin() == 1)  # prefilled by the worker

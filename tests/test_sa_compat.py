@@ -7,6 +7,7 @@ CI runs this module under SQLAlchemy 2.0.x and 2.1.x (see tox.ini and
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 
@@ -103,6 +104,41 @@ def test_wrap_creator_sees_record_after_starttime_is_set(pool):
     before = time.time()
     c = pool.connect()
     assert seen and seen[0] >= before
+    c.close()
+
+
+def test_wrap_creator_returns_an_original_that_takes_no_record(pool):
+    # Health probes open connections outside the pool: original(None).
+    original = _sa.wrap_creator(pool, lambda original, rec: original(rec))
+    dbapi = original(None)
+    assert dbapi.execute("select 1").fetchone() == (1,)
+    dbapi.close()
+
+
+def test_pool_invalidate_is_the_disconnect_hook(pool):
+    # Connection._handle_dbapi_exception calls pool._invalidate(fairy, e) on a
+    # disconnect; RebalancingQueuePool overrides it to act on one host only.
+    params = list(inspect.signature(QueuePool._invalidate).parameters)
+    assert params == ["self", "connection", "exception", "_checkin"]
+    src = inspect.getsource(sqlalchemy.engine.base.Connection._handle_dbapi_exception)
+    assert "pool._invalidate(" in src
+    c = pool.connect()
+    before = pool._invalidate_time
+    _sa.pool_invalidate(pool, c, None, True)
+    assert pool._invalidate_time > before
+    assert not c.is_valid
+    c.close()
+
+
+def test_soft_invalidation_of_a_record_recycles_it_at_checkout(pool):
+    c = pool.connect()
+    rec = _sa.record_of(c)
+    c.close()
+    rec.invalidate(soft=True)
+    assert _sa.is_invalidated(pool, rec)
+    first = rec.dbapi_connection
+    c = pool.connect()
+    assert _sa.record_of(c).dbapi_connection is not first
     c.close()
 
 

@@ -44,6 +44,8 @@ step "tests (SQLAlchemy $(.venv-sa20/bin/python -c 'import sqlalchemy; print(sql
 step "benchmark smoke run (figures only; timing is not pass/fail)"
 .venv/bin/python benchmarks/checkout_overhead.py --quick
 .venv/bin/python benchmarks/recycle_storm.py --duration 12
+.venv/bin/python benchmarks/new_replica.py --quick
+.venv/bin/python benchmarks/failover.py --quick
 
 step "docs"
 .venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"

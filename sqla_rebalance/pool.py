@@ -273,20 +273,21 @@ class RebalancingQueuePool(QueuePool):
     ) -> DBAPIConnection:
         background = self._maint_token is not None and self._maint_token == self._token()
         hostset = self._hostset
-        host_key: str | None = None
+        if hostset is None:
+            try:
+                dbapi_connection = original(rec)
+            except BaseException:
+                self._counters.connect_failed()
+                raise
+            self._register(rec, dbapi_connection, None, background)
+            return dbapi_connection
+        dbapi_connection, host_key = self._connect_to_host(original, rec, hostset)
         try:
-            if hostset is None:
-                try:
-                    dbapi_connection = original(rec)
-                except BaseException:
-                    self._counters.connect_failed()
-                    raise
-            else:
-                dbapi_connection, host_key = self._connect_to_host(original, rec, hostset)
             self._register(rec, dbapi_connection, host_key, background)
-        finally:
+        except BaseException:
             if host_key is not None:
                 self._release(host_key)
+            raise
         return dbapi_connection
 
     def _register(
@@ -310,7 +311,14 @@ class RebalancingQueuePool(QueuePool):
             self, dbapi_connection, host_key or _describe_host(dbapi_connection), started, deadline
         )
         rec.info[INFO_KEY] = state
-        self._states[rec] = state
+        if host_key is None:
+            self._states[rec] = state
+        else:
+            # Counted once: as open instead of as connecting, in one step, so
+            # that a concurrent choice never sees it twice.
+            with self._choose_lock:
+                self._states[rec] = state
+                self._release_locked(host_key)
         self._counters.connected(background)
         if self._is_asyncio and self._loop is None:
             with contextlib.suppress(RuntimeError):  # no running loop: not async after all
@@ -380,11 +388,14 @@ class RebalancingQueuePool(QueuePool):
 
     def _release(self, key: str) -> None:
         with self._choose_lock:
-            left = self._connecting.get(key, 0) - 1
-            if left > 0:
-                self._connecting[key] = left
-            else:
-                self._connecting.pop(key, None)
+            self._release_locked(key)
+
+    def _release_locked(self, key: str) -> None:
+        left = self._connecting.get(key, 0) - 1
+        if left > 0:
+            self._connecting[key] = left
+        else:
+            self._connecting.pop(key, None)
 
     def _seed_hosts(
         self, hostset: HostSet, tried: list[str]

@@ -1,0 +1,143 @@
+"""``sqla-rebalance demo``: host rotation over SQLite files, and over local PostgreSQL servers.
+
+The demo is run for real (short timelines); the assertions use what it returns
+(``stats["demo"]``) and what it prints.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sqla_rebalance import cli, demo
+from sqla_rebalance.demo import min_moves, run_demo
+
+HOSTS = 4
+
+
+def _leftovers(parent: str, prefix: str) -> set[Path]:
+    return set(Path(parent).glob(f"{prefix}*"))
+
+
+def _event_time(summary, event, host):
+    times = [e["t"] for e in summary["events"] if e["event"] == event and e["host"] == host]
+    assert times, f"no {event} of {host}: {summary['events']}"
+    return times[0]
+
+
+def _phase(summary, name):
+    return next(p for p in summary["phases"] if p["name"] == name)
+
+
+def _check_timeline(stats, output: str) -> dict:
+    """What every mode must show: the 4th host used, the down/up cycle, minimal moves."""
+    summary = stats["demo"]
+    assert summary["errors"] == 0
+    assert summary["transactions"] > 0
+    assert "0 errors" in output
+
+    # Every open/retire line names its host (h1..h4).
+    lines = re.findall(r"\] (open|retire) +(\S+)", output)
+    assert {kind for kind, _ in lines} == {"open", "retire"}
+    assert {host for _, host in lines} <= {"h1", "h2", "h3", "h4"}
+
+    # h4 was added and got connections; the rebalance moved no more than needed.
+    added = summary["added"]
+    assert added["opened"] > 0
+    assert stats["hosts"][summary["hosts"]["h4"]]["open"] > 0
+    assert added["minimum"] is not None
+    assert added["moved"] <= added["minimum"] + HOSTS
+    assert "h4" not in added["moved_off"]
+    assert "hosts_changed added=h4" in output
+
+    # h2 went down, then up again, each within its phase.
+    down, back = _phase(summary, "h2 down"), _phase(summary, "h2 back")
+    t_down = _event_time(summary, "host_down", "h2")
+    t_up = _event_time(summary, "host_up", "h2")
+    assert down["start"] <= t_down < back["start"] <= t_up
+    assert "host_down h2" in output
+    assert "host_up  h2" in output
+    # Nothing opened on h2 once it was marked down; its connections left.
+    assert summary["down"]["opened_while_down"] == 0
+    assert sum(summary["down"]["retired"].values()) >= 1
+    # Failback: h2 got connections again, with no more moves than needed.
+    up = summary["up"]
+    assert up["opened"] > 0
+    assert up["moved"] <= up["minimum"] + HOSTS
+    assert summary["final_health"] == dict.fromkeys(["h1", "h2", "h3", "h4"], "up")
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("counts", "eligible", "expected"),
+    [
+        ({"a": 4, "b": 4, "c": 4}, ["a", "b", "c", "d"], 3),
+        ({"a": 5, "b": 3, "c": 4}, ["a", "b", "c", "d"], 3),
+        ({"a": 4, "b": 4, "c": 4, "d": 0}, ["a", "c", "d"], 4),  # b down: all of b moves
+        ({"a": 3, "b": 3, "c": 3, "d": 3}, ["a", "b", "c", "d"], 0),
+        ({"a": 4, "b": 3, "c": 3, "d": 3}, ["a", "b", "c", "d"], 0),  # 13 over 4: one keeps 4
+        ({"a": 2}, [], 0),
+    ],
+)
+def test_min_moves(counts, eligible, expected):
+    assert min_moves(counts, eligible) == expected
+
+
+def test_sqlite_demo_rotates_over_files():
+    before = _leftovers(tempfile.gettempdir(), "sqla-rebalance-demo-")
+    buf = io.StringIO()
+    stats = run_demo(duration=10.0, threads=4, recycle=2.0, jitter=0.5, out=buf)
+    output = buf.getvalue()
+    summary = _check_timeline(stats, output)
+    assert summary["killed_in_flight"] == 0
+    assert "renaming its directory" in output
+    assert set(summary["hosts"]) == {"h1", "h2", "h3", "h4"}
+    assert all(key.endswith("demo.db") for key in summary["hosts"].values())
+    # The temporary directories are gone.
+    assert _leftovers(tempfile.gettempdir(), "sqla-rebalance-demo-") <= before
+
+
+def test_single_database_demo_still_works(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    assert cli.main(["demo", "--url", url, "--duration", "2", "--threads", "2"]) == 0
+    output = capsys.readouterr().out
+    assert "0 errors" in output
+    assert "pool.recycle(spread=1.0)" in output
+
+
+def test_modes_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--sqlite", "--postgres"])
+    assert exit_info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_postgres_demo_says_what_is_missing(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "_have_psycopg", lambda: False)
+    assert cli.main(["demo", "--postgres", "--duration", "1"]) == 2
+    assert "needs psycopg" in capsys.readouterr().err
+
+
+@pytest.mark.servers
+def test_postgres_demo_rotates_over_servers(monkeypatch):
+    pytest.importorskip("psycopg")
+    servers = pytest.importorskip("tests.servers")
+    # The demo starts its own cluster: a fixed port would clash with the session's pg_cluster.
+    monkeypatch.delenv(servers.PORT_ENV, raising=False)
+    parent = servers._default_parent_dir() or tempfile.gettempdir()
+    before = _leftovers(parent, "sqla-rebalance-pg-")
+    buf = io.StringIO()
+    stats = run_demo(duration=10.0, threads=4, recycle=2.0, jitter=0.5, out=buf, mode="postgres")
+    output = buf.getvalue()
+    summary = _check_timeline(stats, output)
+    # Only statements in flight on the killed server may fail: a handful, about one per thread.
+    assert 0 <= summary["killed_in_flight"] <= 2 * summary["threads"]
+    assert "statements in flight on h2 when it was killed" in output
+    assert "immediate shutdown" in output
+    assert all(re.fullmatch(r"127\.0\.0\.[2-5]:\d+", key) for key in summary["hosts"].values())
+    # The cluster was stopped and its data removed.
+    assert _leftovers(parent, "sqla-rebalance-pg-") <= before

@@ -104,6 +104,17 @@ def create_record(pool: QueuePool) -> ConnectionPoolEntry:
     return pool._create_connection()
 
 
+def ping_at_first_checkout(rec: ConnectionPoolEntry) -> None:
+    """Let ``pool_pre_ping`` check ``rec`` at its first checkout.
+
+    SQLAlchemy skips the ping for a "fresh" record: one connected inside the
+    checkout that uses it. A connection the worker opened in the background
+    may wait idle for a long time before that first checkout, and its server
+    may have gone meanwhile.
+    """
+    cast("_ConnectionRecord", rec).fresh = False
+
+
 def record_of(conn: object) -> ConnectionPoolEntry:
     """The pool record behind a (async) ``Connection`` or a pool-proxied DBAPI connection."""
     fairy = conn

@@ -192,8 +192,9 @@ class RebalancingQueuePool(QueuePool):
         self._counters = Counters()
         #: Every open connection we manage, by record.
         self._states: dict[ConnectionPoolEntry, ConnState] = {}
-        #: Checked-out records to retire at checkin, with the reason.
-        self._doomed: dict[ConnectionPoolEntry, str] = {}
+        #: Checked-out records to retire at checkin: the reason, and the state
+        #: of the connection meant (a record is reused when it reconnects).
+        self._doomed: dict[ConnectionPoolEntry, tuple[str, ConnState | None]] = {}
         #: Open connections waiting to take the place of a doomed one.
         self._spares: list[ConnectionPoolEntry] = []
         #: Doomed records handed over by checkin: (record, reason, slot_empty).
@@ -214,6 +215,8 @@ class RebalancingQueuePool(QueuePool):
         self._retry_at = 0.0
         self._idle_window_start = time.time()
         self._idle_window_min: int | None = None
+        #: The connection whose replacement the worker is opening.
+        self._replacing: ConnState | None = None
         #: Connects in progress per host, so that a burst of them spreads out.
         self._connecting: dict[str, int] = {}
         #: Hosts being probed (one probe per host at a time).
@@ -374,9 +377,19 @@ class RebalancingQueuePool(QueuePool):
         """Open connections per host, not counting those about to leave, plus
         connects in progress."""
         counts = dict(self._connecting)
+        # Those on their way out: marked to retire at checkin, or being replaced
+        # right now (so that a replacement on a tied host keeps hosts even).
+        leaving = {id(mark[1]) for mark in list(self._doomed.values())}
+        replacing = self._replacing
         for state in list(self._states.values()):
-            if not state.closed and state.retire_at is None:
-                counts[state.host] = counts.get(state.host, 0) + 1
+            if (
+                state.closed
+                or state.retire_at is not None
+                or state is replacing
+                or id(state) in leaving
+            ):
+                continue
+            counts[state.host] = counts.get(state.host, 0) + 1
         return counts
 
     def _reserve(self, hostset: HostSet, tried: list[str]) -> Host | None:
@@ -584,12 +597,14 @@ class RebalancingQueuePool(QueuePool):
     def _retire_at_checkin(self, record: ConnectionPoolEntry) -> None:
         # May run in a garbage-collector callback: no blocking, no plain Lock,
         # no I/O. The worker closes the old connection.
-        reason = self._doomed.pop(record, None)
-        if reason is None or self._pool.full():
-            # Unmarked meanwhile (pinned), or an overflow connection that
-            # QueuePool closes at checkin anyway: the spare stays for another.
+        mark = self._doomed.pop(record, None)
+        if mark is None or mark[1] is not state_of(record) or self._pool.full():
+            # Unmarked meanwhile (pinned), reconnected since it was marked (the
+            # mark was for its previous connection), or an overflow connection
+            # that QueuePool closes at checkin anyway: the spare stays for another.
             _sa.queue_pool_return(self, record)
             return
+        reason = mark[0]
         try:
             spare = self._spares.pop()
         except IndexError:
@@ -701,8 +716,9 @@ class RebalancingQueuePool(QueuePool):
             return 0
         counts: dict[str, int] = {}
         movable: dict[str, list[tuple[ConnectionPoolEntry, ConnState]]] = {}
+        leaving = {id(mark[1]) for mark in list(self._doomed.values())}
         for rec, state in list(self._states.items()):
-            if state.closed or state.retire_at is not None:
+            if state.closed or state.retire_at is not None or id(state) in leaving:
                 continue
             counts[state.host] = counts.get(state.host, 0) + 1
             if not state.pinned:
@@ -1019,8 +1035,8 @@ class RebalancingQueuePool(QueuePool):
         due_in_use: list[tuple[ConnectionPoolEntry, ConnState, str]] = []
         # A mark on a record that is neither in use nor idle (an overflow
         # connection closed at checkin, say) would hold a spare forever.
-        for rec in list(self._doomed):
-            if not rec.in_use and id(rec) not in idle_ids:
+        for rec, (_reason, marked) in list(self._doomed.items()):
+            if (not rec.in_use and id(rec) not in idle_ids) or marked is not state_of(rec):
                 self._doomed.pop(rec, None)
         spares = set(self._spares)
         for rec, state in list(self._states.items()):
@@ -1069,11 +1085,11 @@ class RebalancingQueuePool(QueuePool):
         #    them, so that their checkin never leaves the pool a slot short.
         for rec, state, reason in due_in_use:
             if len(self._spares) <= len(self._doomed) and (
-                len(self._spares) >= self._spare_cap() or not self._open_spare(now)
+                len(self._spares) >= self._spare_cap() or not self._open_spare(now, state)
             ):
                 next_due = min(next_due, max(self._retry_at, now + 0.05))
                 break
-            self._doomed[rec] = reason
+            self._doomed[rec] = (reason, state)
             # Check again after marking: it may have been checked in or
             # pinned while the spare was opening. (Checkin clears in_use then
             # tests the mark; pin() sets pinned then drops the mark: in either
@@ -1154,10 +1170,15 @@ class RebalancingQueuePool(QueuePool):
         if self._disposed:
             self._close(rec, DISPOSE)
             return None
+        _sa.ping_at_first_checkout(rec)
         return rec
 
-    def _open_spare(self, now: float) -> bool:
-        rec = self._open(now)
+    def _open_spare(self, now: float, replacing: ConnState | None = None) -> bool:
+        self._replacing = replacing
+        try:
+            rec = self._open(now)
+        finally:
+            self._replacing = None
         if rec is None:
             return False
         self._spares.append(rec)
@@ -1183,7 +1204,11 @@ class RebalancingQueuePool(QueuePool):
         except IndexError:
             new = None
         if new is None:
-            new = self._open(now)
+            self._replacing = state_of(old)
+            try:
+                new = self._open(now)
+            finally:
+                self._replacing = None
             if new is None:
                 return False
         if _sa.swap_idle(self, old, new):
@@ -1194,7 +1219,7 @@ class RebalancingQueuePool(QueuePool):
         # Checked out meanwhile: keep the new one as its spare.
         self._spares.append(new)
         if old.in_use:
-            self._doomed.setdefault(old, reason)
+            self._doomed.setdefault(old, (reason, state_of(old)))
         return False
 
     def _refill_slot(self, old: ConnectionPoolEntry) -> None:
@@ -1294,6 +1319,7 @@ class RebalancingQueuePool(QueuePool):
         self._states = {}
         self._doomed = {}
         self._connecting = {}
+        self._replacing = None
         self._probing = set()
         self._choose_lock = threading.Lock()
         if self._hostset is not None:

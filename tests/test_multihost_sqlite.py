@@ -196,3 +196,50 @@ def test_async_engine_spreads_over_files(files):
     seen, per_host = asyncio.run(run())
     assert sorted(seen) == sorted(files * 2)
     assert per_host == dict.fromkeys(files, 2)
+
+
+def test_lifetime_replacement_keeps_tied_hosts_even(files, monkeypatch):
+    # The replacement must not count the connection it replaces: 2/2 stays 2/2.
+    manual_maintenance(monkeypatch)
+    for _ in range(20):
+        engine = create_engine(
+            f"sqlite:///{files[0]}",
+            poolclass=RebalancingQueuePool,
+            hosts=files[:2],
+            pool_size=4,
+            max_overflow=0,
+            pool_recycle=1000,
+            recycle_jitter=0.0,
+            health_check_interval=None,
+        )
+        fill(engine, 4)
+        pool = engine.pool
+        state = next(s for s in pool._states.values() if s.host == files[0])
+        state.deadline = time.time() - 1
+        pool._maintain()
+        assert pool.stats().retirements["lifetime"] == 1
+        assert sorted(h.open for h in pool.stats().hosts.values()) == [2, 2]
+        engine.dispose()
+
+
+def test_a_retire_mark_does_not_outlive_the_connection_it_was_for(files, monkeypatch):
+    manual_maintenance(monkeypatch)
+    engine = create_engine(
+        f"sqlite:///{files[0]}", poolclass=RebalancingQueuePool, pool_size=1, max_overflow=0
+    )
+    pool = engine.pool
+    conn = pool.connect()
+    rec = conn._connection_record
+    old_state = rec.info["sqla_rebalance"]
+    conn.close()
+    rec.invalidate()  # a disconnect: the next checkout reconnects this record
+    conn = pool.connect()
+    assert conn._connection_record is rec and rec.info["sqla_rebalance"] is not old_state
+    # A mark made for the old connection (the worker could not swap it, it was
+    # checked out) must not close the new, healthy one at checkin.
+    pool._doomed[rec] = ("error", old_state)
+    new_dbapi = rec.dbapi_connection
+    conn.close()
+    assert rec.dbapi_connection is new_dbapi
+    assert not pool._retiring
+    engine.dispose()

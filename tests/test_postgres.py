@@ -257,3 +257,20 @@ def test_async_engine_on_postgres(pg_url):
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_pre_ping_checks_connections_opened_in_the_background(pg_cluster):
+    # SQLAlchemy skips pre_ping for a "fresh" connection (one just opened by
+    # the checkout itself); the worker's connections may have waited idle.
+    server = pg_cluster.servers[3]
+    engine = create_engine(
+        server.url(), poolclass=RebalancingQueuePool, pool_size=4, min_size=4, pool_pre_ping=True
+    )
+    try:
+        wait_for(lambda: engine.pool.checkedin() == 4)
+        server.restart()  # every pooled connection is now dead, never used yet
+        for _ in range(4):
+            with engine.connect() as conn:
+                assert conn.execute(text("select 1")).scalar() == 1
+    finally:
+        engine.dispose()

@@ -148,7 +148,8 @@ def test_doomed_checkin_without_spare_refills_the_slot(clock, engine_factory):
     pool = engine_factory(pool_recycle=R).pool
     conn = pool.connect()
     rec = conn._connection_record
-    pool._doomed[rec] = "manual"  # as if marked while no spare could be opened
+    # As if marked while no spare could be opened.
+    pool._doomed[rec] = ("manual", rec.info[INFO_KEY])
     conn.close()
     assert pool.checkedin() == 0  # slot empty until the worker refills it
     pool._maintain()
@@ -380,7 +381,7 @@ def test_marked_connection_checked_in_early_uses_its_spare(clock, engine_factory
     pool._maintain()  # marked, spare opened
     pool._doomed.pop(rec)  # as if it was checked in just before being marked...
     conn.close()
-    pool._doomed[rec] = "lifetime"  # ...and marked right after
+    pool._doomed[rec] = ("lifetime", rec.info[INFO_KEY])  # ...and marked right after
     pool._maintain()
     stats = pool.stats()
     assert stats.connects == 2  # the spare took its place; nothing extra opened
@@ -397,10 +398,10 @@ def test_mark_is_dropped_if_the_connection_was_checked_in_while_its_spare_opened
     clock.advance(R)
     real_open_spare = pool._open_spare
 
-    def open_spare_while_app_checks_in(now):
+    def open_spare_while_app_checks_in(now, replacing=None):
         a.close()
         b.close()  # QueuePool closes this overflow connection at checkin
-        return real_open_spare(now)
+        return real_open_spare(now, replacing)
 
     pool._open_spare = open_spare_while_app_checks_in
     pool._maintain()
@@ -418,9 +419,9 @@ def test_connection_pinned_while_its_spare_opened_is_not_retired(clock, engine_f
     clock.advance(R)
     real_open_spare = pool._open_spare
 
-    def open_spare_while_app_pins(now):
+    def open_spare_while_app_pins(now, replacing=None):
         sqla_rebalance.pin(conn)
-        return real_open_spare(now)
+        return real_open_spare(now, replacing)
 
     pool._open_spare = open_spare_while_app_pins
     pool._maintain()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import Pool, QueuePool
 
@@ -35,6 +35,7 @@ __all__ = [
     "ensure_loopback",
     "make_engine",
     "postgres_url",
+    "server_counts",
 ]
 
 #: Pool variant names used in every table and benchmark id.
@@ -84,3 +85,21 @@ def postgres_url(dsn: str | None = None) -> Iterator[str]:
 
     with PostgresCluster(n=1) as cluster:
         yield ensure_loopback(cluster.servers[0].url(driver="psycopg"))
+
+
+def server_counts(servers: list[Any], app: str) -> dict[str, int]:
+    """Connections with ``application_name = app`` on each server (0 when it is down),
+    as the servers themselves see them."""
+    counts = {}
+    for server in servers:
+        if not server.is_running():
+            counts[server.host] = 0
+            continue
+        engine = create_engine(server.url(), poolclass=None)
+        with engine.connect() as conn:
+            counts[server.host] = conn.execute(
+                text("select count(*) from pg_stat_activity where application_name = :a"),
+                {"a": app},
+            ).scalar()
+        engine.dispose()
+    return counts

@@ -46,7 +46,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from _support import BASELINE, OURS, ensure_loopback
+from _support import BASELINE, OURS, ensure_loopback, server_counts
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.pool import QueuePool
 
@@ -90,22 +90,6 @@ class Tracker:
 
     def on_close_detached(self, dbapi: Any) -> None:
         self._gone(dbapi)
-
-
-def server_counts(servers: list[Any], app: str) -> dict[str, int]:
-    counts = {}
-    for server in servers:
-        if not server.is_running():
-            counts[server.host] = 0
-            continue
-        engine = create_engine(server.url(), poolclass=None)
-        with engine.connect() as conn:
-            counts[server.host] = conn.execute(
-                text("select count(*) from pg_stat_activity where application_name = :a"),
-                {"a": app},
-            ).scalar()
-        engine.dispose()
-    return counts
 
 
 def run_variant(variant: str, cluster: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from _support import BASELINE, OURS, ensure_loopback
+from _support import BASELINE, OURS, ensure_loopback, server_counts
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
@@ -89,19 +89,6 @@ def worker(
         retired = {k: v for k, v in engine.pool.stats().retirements.items() if v}
     engine.dispose()
     out.put({"errors": errors, "retired": retired})
-
-
-def server_counts(servers: list[Any], app: str) -> dict[str, int]:
-    counts = {}
-    for server in servers:
-        engine = create_engine(server.url(), poolclass=None)
-        with engine.connect() as conn:
-            counts[server.host] = conn.execute(
-                text("select count(*) from pg_stat_activity where application_name = :a"),
-                {"a": app},
-            ).scalar()
-        engine.dispose()
-    return counts
 
 
 def run_variant(variant: str, cluster: Any, dns: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -303,3 +303,45 @@ def test_bad_host_configuration_fails_at_create_engine(pg_cluster):
         create_engine(
             pg_cluster.servers[0].url(), poolclass=RebalancingQueuePool, target_role="leader"
         )
+
+
+def test_async_engine_spreads_and_fails_over(pg_cluster):
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sqla_rebalance import AsyncRebalancingQueuePool
+
+    async def run():
+        engine = create_async_engine(
+            pg_cluster.servers[0].url(driver="psycopg_async"),
+            poolclass=AsyncRebalancingQueuePool,
+            pool_size=8,
+            max_overflow=0,
+            hosts=pg_cluster.hosts,
+            health_check_interval=0.5,
+            pool_pre_ping=True,
+        )
+        try:
+            conns = [await engine.connect() for _ in range(8)]
+            for conn in conns:
+                await conn.close()
+            pool = engine.sync_engine.pool
+            spread = sorted(h.open for h in pool.stats().hosts.values())
+            pg_cluster.servers[2].stop("immediate")
+            seen = set()
+            for _ in range(16):
+                async with engine.connect() as conn:
+                    seen.add((await conn.execute(text("select host(inet_server_addr())"))).scalar())
+            for _ in range(200):  # the async probes run in this loop: give them turns
+                if pool.stats().hosts[pg_cluster.hosts[2]].health == "down":
+                    break
+                await asyncio.sleep(0.05)
+            return spread, seen, pool.stats().hosts[pg_cluster.hosts[2]].health
+        finally:
+            await engine.dispose()
+
+    spread, seen, health = asyncio.run(run())
+    assert spread == [2, 2, 2, 2]
+    assert pg_cluster.servers[2].host not in seen and len(seen) == 3
+    assert health == "down"

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from . import signals
 from .config import PoolConfig
-from .errors import ConfigurationError, NoHostAvailableError, NotPooledError, RebalanceError
+from .errors import (
+    ConfigurationError,
+    InsecureBroadcastWarning,
+    NoHostAvailableError,
+    NotPooledError,
+    RebalanceError,
+)
 from .pinning import is_pinned, pin, unpin
 from .pool import AsyncRebalancingQueuePool, RebalancingQueuePool
 from .stats import RETIREMENT_REASONS, BusStats, HostStats, PoolStats
@@ -23,6 +29,7 @@ __all__ = [
     "BusStats",
     "ConfigurationError",
     "HostStats",
+    "InsecureBroadcastWarning",
     "NoHostAvailableError",
     "NotPooledError",
     "PoolConfig",

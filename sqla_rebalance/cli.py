@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from typing import Any
 
 from . import __version__
+from .bus.message import ACTIONS
+from .errors import ConfigurationError
+from .pool import SECRET_ENV
+
+#: Default bus URL of the commands.
+BUS_ENV = "SQLA_REBALANCE_BUS"
 
 __all__ = ["main"]
 
@@ -58,7 +67,180 @@ def _parser() -> argparse.ArgumentParser:
         "server programs, psycopg, and the repository checkout)",
     )
     where.add_argument("--url", help="one database, no hosts: the single-database demo")
+    _bus_commands(sub)
     return parser
+
+
+_ACTION_HELP = {
+    "recycle": "replace connections gracefully: idle ones spread over --spread seconds, "
+    "those in use at checkin",
+    "rebalance": "move only the excess connections from over-loaded hosts to under-loaded ones",
+    "refresh": "re-resolve DNS names and re-check every host now, then rebalance",
+    "drain": "close every connection (idle now, in use at checkin) and open none until "
+    "the application needs one again",
+}
+
+
+def _bus_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bus",
+        default=os.environ.get(BUS_ENV),
+        help=f"bus URL: redis://..., postgresql://..., sqlite:///path (default ${BUS_ENV})",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _bus_commands(sub: Any) -> None:
+    for action in ACTIONS:
+        p = sub.add_parser(action, help=_ACTION_HELP[action], description=_ACTION_HELP[action])
+        _bus_options(p)
+        p.add_argument("--pool", default="*", help="pool name or glob (default: every pool, '*')")
+        if action != "drain":
+            p.add_argument(
+                "--host", help="only the connections to this host (address:port or name)"
+            )
+        if action == "recycle":
+            p.add_argument(
+                "--spread",
+                type=float,
+                default=0.0,
+                help="seconds over which each process spreads its reconnects (default 0)",
+            )
+        p.add_argument(
+            "--secret-env",
+            default=SECRET_ENV,
+            metavar="VAR",
+            help=f"environment variable holding the signing secret (default {SECRET_ENV}); "
+            "the secret is never taken on the command line",
+        )
+        p.add_argument(
+            "--unsigned",
+            action="store_true",
+            help="send without a signature (only pools configured without a secret accept it)",
+        )
+        p.add_argument(
+            "--wait",
+            nargs="?",
+            type=float,
+            const=30.0,
+            default=None,
+            metavar="SECONDS",
+            help="wait until every live process with a matching pool has applied the "
+            "command (default 30 s when given); exit status 1 if some have not",
+        )
+    status = sub.add_parser(
+        "status",
+        help="every live process on the bus: pools, hosts, connections, generation applied",
+        description="Show every live process listening on the bus (from their heartbeats): "
+        "its pools with connection counts per host, churn and the command generation applied.",
+    )
+    _bus_options(status)
+    status.add_argument("--pool", default="*", help="only pools matching this name or glob")
+
+
+def _need_bus(args: argparse.Namespace) -> str | None:
+    if not args.bus:
+        print(f"sqla-rebalance: --bus URL is required (or set ${BUS_ENV})", file=sys.stderr)
+        return None
+    return str(args.bus)
+
+
+def _send(args: argparse.Namespace) -> int:
+    from .bus import BusUnavailableError, send_command, wait_for
+
+    url = _need_bus(args)
+    if url is None:
+        return 2
+    secret: str | None = None
+    if not args.unsigned:
+        secret = os.environ.get(args.secret_env) or None
+        if secret is None:
+            print(
+                f"sqla-rebalance: ${args.secret_env} is not set: set it to the pools' "
+                "broadcast_secret, or pass --unsigned for pools configured without one",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        sent = send_command(
+            url,
+            args.command,
+            pool=args.pool,
+            host=getattr(args, "host", None),
+            spread=getattr(args, "spread", 0.0),
+            secret=secret,
+        )
+    except (ValueError, ConfigurationError) as err:
+        print(f"sqla-rebalance: {err}", file=sys.stderr)
+        return 2
+    except BusUnavailableError as err:
+        print(f"sqla-rebalance: cannot publish: {err}", file=sys.stderr)
+        return 3
+    out: dict[str, Any] = {
+        "generation": sent.generation,
+        "command": sent.command.describe(),
+        "receivers": sent.receivers,
+    }
+    if not args.json:
+        receivers = "" if sent.receivers is None else f", {sent.receivers} listener(s) reached"
+        print(f"sent generation {sent.generation}: {sent.command.describe()}{receivers}")
+    status = 0
+    if args.wait is not None:
+        try:
+            result = wait_for(url, sent.generation, pool=args.pool, timeout=args.wait)
+        except BusUnavailableError as err:
+            print(f"sqla-rebalance: cannot read status: {err}", file=sys.stderr)
+            return 3
+        out["applied"] = [p.process for p in result.applied]
+        out["pending"] = [p.process for p in result.pending]
+        if not args.json:
+            print(f"applied by {len(result.applied)} process(es)")
+            for p in result.pending:
+                print(f"NOT applied by {p.process} (at generation {p.generation})")
+        status = 0 if result.complete else 1
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return status
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .bus import BusUnavailableError, fleet_status
+
+    url = _need_bus(args)
+    if url is None:
+        return 2
+    try:
+        procs = [p for p in fleet_status(url) if p.has_pool(args.pool)]
+    except (ValueError, ConfigurationError) as err:
+        print(f"sqla-rebalance: {err}", file=sys.stderr)
+        return 2
+    except BusUnavailableError as err:
+        print(f"sqla-rebalance: cannot read status: {err}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps([p.raw for p in procs], indent=2))
+        return 0
+    if not procs:
+        print("no live process on this bus")
+        return 0
+    for proc in procs:
+        print(f"{proc.process}  generation {proc.generation}  (heartbeat {proc.age:.1f}s ago)")
+        for pool in proc.pools:
+            churn = pool.get("churn_per_min", {})
+            print(
+                f"  pool {pool.get('pool')}: open {pool.get('open')} "
+                f"(idle {pool.get('idle')}, in use {pool.get('in_use')}), "
+                f"churn/min connects {churn.get('connects', 0)} "
+                f"retirements {churn.get('retirements', 0)}, "
+                f"commands applied {pool.get('commands_applied', 0)}"
+                + (f", {pool['commands_pending']} pending" if pool.get("commands_pending") else "")
+            )
+            for key, host in sorted(pool.get("hosts", {}).items()):
+                print(
+                    f"    {key:<24} open {host.get('open')} idle {host.get('idle')} "
+                    f"in use {host.get('in_use')}  {host.get('health')} {host.get('role')}"
+                )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     else:  # the pool's warnings (a host down, up again), lined up with the demo's lines
         logging.basicConfig(level=logging.WARNING, format="          %(levelname)-8s %(message)s")
+    if args.command in ACTIONS:
+        return _send(args)
+    if args.command == "status":
+        return _status(args)
     if args.command == "demo":
         from .demo import DemoUnavailableError, run_demo
 

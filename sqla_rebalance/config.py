@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError
@@ -28,6 +28,10 @@ DEFAULT_UNHEALTHY_THRESHOLD = 3
 #: Seconds over which a rebalance moves connections (so that a new replica
 #: is not hit by every process's reconnects in the same instant).
 DEFAULT_REBALANCE_SPREAD = 1.0
+#: A pool applies at most one batch of cluster-wide commands per this many
+#: seconds; commands arriving faster are coalesced (a flood, a script run in
+#: a loop by mistake, several operators at once).
+DEFAULT_MIN_RECYCLE_INTERVAL = 10.0
 
 
 def _number(name: str, value: object) -> float:
@@ -67,6 +71,9 @@ class PoolConfig:
     health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL
     unhealthy_threshold: int = DEFAULT_UNHEALTHY_THRESHOLD
     rebalance_spread: float = DEFAULT_REBALANCE_SPREAD
+    #: ``broadcast`` as given: a bus URL, a ``Bus`` object, or None.
+    broadcast: Any = field(default=None, repr=False)
+    min_recycle_interval: float = DEFAULT_MIN_RECYCLE_INTERVAL
     # As given, so ``recreate()`` passes on exactly what the user passed.
     recycle_jitter_arg: float | None = None
     pool_name_arg: str | None = None
@@ -91,6 +98,8 @@ class PoolConfig:
         health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL,
         unhealthy_threshold: int | None = None,
         rebalance_spread: float | None = None,
+        broadcast: Any = None,
+        min_recycle_interval: float | None = None,
     ) -> PoolConfig:
         pool_size = _integer("pool_size", pool_size)
         if pool_size < 0:
@@ -175,6 +184,12 @@ class PoolConfig:
         )
         if spread < 0:
             raise ConfigurationError(f"rebalance_spread must be >= 0 seconds, got {spread}")
+        interval = _number(
+            "min_recycle_interval",
+            DEFAULT_MIN_RECYCLE_INTERVAL if min_recycle_interval is None else min_recycle_interval,
+        )
+        if interval < 0:
+            raise ConfigurationError(f"min_recycle_interval must be >= 0 seconds, got {interval}")
         return cls(
             pool_size=pool_size,
             max_overflow=max_overflow,
@@ -192,6 +207,8 @@ class PoolConfig:
             health_check_interval=health_check_interval,
             unhealthy_threshold=threshold,
             rebalance_spread=spread,
+            broadcast=broadcast,
+            min_recycle_interval=interval,
             recycle_jitter_arg=recycle_jitter,
             pool_name_arg=pool_name,
         )

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from sqlalchemy import exc
 
-__all__ = ["ConfigurationError", "NoHostAvailableError", "NotPooledError", "RebalanceError"]
+__all__ = [
+    "ConfigurationError",
+    "InsecureBroadcastWarning",
+    "NoHostAvailableError",
+    "NotPooledError",
+    "RebalanceError",
+]
 
 
 class RebalanceError(Exception):
@@ -30,3 +36,7 @@ class NoHostAvailableError(RebalanceError):
     When hosts were tried and failed, the last driver error is raised instead,
     so that SQLAlchemy reports it as usual (``OperationalError``).
     """
+
+
+class InsecureBroadcastWarning(UserWarning):
+    """A pool listens for cluster-wide commands without a secret to check them with."""

@@ -25,9 +25,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,9 +41,15 @@ from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util import queue as sqla_queue
 
 from . import _sa, signals, targets
+from .bus import open_bus
+from .bus.base import Bus
+from .bus.listener import Listener
+from .bus.listener import attach as attach_listener
+from .bus.listener import detach as detach_listener
+from .bus.message import Command
 from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
 from .dns import Resolver
-from .errors import ConfigurationError, NoHostAvailableError
+from .errors import ConfigurationError, InsecureBroadcastWarning, NoHostAvailableError
 from .hosts import STANDBY, UNKNOWN, UP, Changes, Host, HostSet, parse_hosts
 from .lifetime import (
     INFO_KEY,
@@ -60,6 +68,8 @@ from .stats import (
     MANUAL,
     OVERFLOW,
     RETIREMENT_REASONS,
+    SIGNAL,
+    BusStats,
     Counters,
     HostStats,
     PoolStats,
@@ -78,6 +88,9 @@ __all__ = ["AsyncRebalancingQueuePool", "RebalancingQueuePool"]
 
 log = logging.getLogger("sqla_rebalance.pool")
 
+#: Where the bus secret is read from when ``broadcast_secret`` is not given.
+SECRET_ENV = "SQLA_REBALANCE_SECRET"
+
 # Retry delays (s) for background connects that fail: exponential, full jitter.
 _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
@@ -95,6 +108,11 @@ def _describe_host(dbapi_connection: Any) -> str:
     if not host or not isinstance(host, str):
         return "local"
     return f"{host}:{port}" if port else host
+
+
+def _checked_in(rec: ConnectionPoolEntry) -> bool:
+    """Read ``in_use`` again (another thread may have checked ``rec`` in)."""
+    return not rec.in_use
 
 
 class RebalancingQueuePool(QueuePool):
@@ -133,6 +151,15 @@ class RebalancingQueuePool(QueuePool):
       (default 3).
     :param rebalance_spread: seconds over which a rebalance moves connections
       (default 1).
+    :param broadcast: a bus URL (``redis://...``, ``postgresql://...``,
+      ``sqlite:///path``) or a :class:`sqla_rebalance.bus.Bus`: the pool then
+      obeys cluster-wide ``recycle``/``rebalance``/``refresh``/``drain``
+      commands sent there (``sqla-rebalance recycle --bus URL``). Default None.
+    :param broadcast_secret: the HMAC key that commands must be signed with
+      (str or bytes). Default: ``$SQLA_REBALANCE_SECRET``; without either the
+      pool warns and accepts unsigned commands.
+    :param min_recycle_interval: seconds; the pool applies at most one batch
+      of cluster-wide commands per interval, coalescing the rest (default 10).
     """
 
     _is_asyncio = False
@@ -159,6 +186,9 @@ class RebalancingQueuePool(QueuePool):
         health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL,
         unhealthy_threshold: int | None = None,
         rebalance_spread: float | None = None,
+        broadcast: Any = None,
+        broadcast_secret: str | bytes | None = None,
+        min_recycle_interval: float | None = None,
         **kw: Any,
     ) -> None:
         recreated = kw.pop("_recreated", False)
@@ -179,7 +209,11 @@ class RebalancingQueuePool(QueuePool):
             health_check_interval=health_check_interval,
             unhealthy_threshold=unhealthy_threshold,
             rebalance_spread=rebalance_spread,
+            broadcast=broadcast,
+            min_recycle_interval=min_recycle_interval,
         )
+        self._bus, self._bus_secret = self._build_bus(broadcast, broadcast_secret, recreated)
+        self._broadcast_secret_arg = broadcast_secret
         self._hostset = self._build_hostset(kw.get("dialect"))
         super().__init__(
             creator,
@@ -225,11 +259,20 @@ class RebalancingQueuePool(QueuePool):
         self._rebalance_requested = False
         self._unsteerable_warned = False
         self._invoke_original = _sa.wrap_creator(self, self._connect)
+        #: Cluster-wide commands: the listener this pool is attached to, and
+        #: the process it was attached in (a forked child attaches again).
+        self._listener: Listener | None = None
+        self._listener_pid = 0
+        #: drain(): no background connect until the application connects again.
+        self._drained = False
+        self._drain_requested = False
         # Prefill at once for a new engine; a pool made by recreate() (that
         # is, by Engine.dispose(), often called at shutdown) waits for its
         # first connection before opening min_size more.
         if self._config.min_size > 0 and not recreated:
             get_worker().register(self)
+        if self._bus is not None and not recreated:
+            self._attach_bus()
 
     # -- configuration -----------------------------------------------------
     @property
@@ -259,6 +302,9 @@ class RebalancingQueuePool(QueuePool):
             health_check_interval=c.health_check_interval,
             unhealthy_threshold=c.unhealthy_threshold,
             rebalance_spread=c.rebalance_spread,
+            broadcast=c.broadcast,
+            broadcast_secret=self._broadcast_secret_arg,
+            min_recycle_interval=c.min_recycle_interval,
             _recreated=True,
             **_sa.recreate_kwargs(self),
         )
@@ -323,6 +369,8 @@ class RebalancingQueuePool(QueuePool):
                 self._states[rec] = state
                 self._release_locked(host_key)
         self._counters.connected(background)
+        if not background:
+            self._drained = False  # the application needs connections again
         if self._is_asyncio and self._loop is None:
             with contextlib.suppress(RuntimeError):  # no running loop: not async after all
                 self._loop = asyncio.get_running_loop()
@@ -331,6 +379,64 @@ class RebalancingQueuePool(QueuePool):
         self._ensure_registered()
         if signals.connection_opened.receivers:
             signals.connection_opened.send(self, host=state.host, background=background)
+
+    # -- cluster-wide commands ---------------------------------------------------
+    def _build_bus(
+        self, broadcast: Any, secret: str | bytes | None, recreated: bool
+    ) -> tuple[Bus | None, bytes | None]:
+        """Validate ``broadcast`` and its secret (connects to nothing)."""
+        if broadcast is None:
+            if secret is not None:
+                raise ConfigurationError("broadcast_secret is set but broadcast is not")
+            return None, None
+        bus = open_bus(broadcast)
+        if secret is None:
+            secret = os.environ.get(SECRET_ENV) or None
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and (not isinstance(secret, bytes) or not secret):
+            raise ConfigurationError("broadcast_secret must be a non-empty string or bytes")
+        if secret is None and not recreated:
+            warnings.warn(
+                f"pool {self._config.pool_name}: broadcast={bus.display_url} without "
+                f"broadcast_secret (or ${SECRET_ENV}): anyone who can publish on the bus "
+                "can recycle this pool, and unsigned commands are accepted",
+                InsecureBroadcastWarning,
+                stacklevel=4,
+            )
+        return bus, secret
+
+    def _attach_bus(self) -> None:
+        bus = self._bus
+        if bus is None or self._disposed:
+            return
+        if self._listener is not None and self._listener_pid == os.getpid():
+            return
+        self._listener = attach_listener(self, bus, self._bus_secret)
+        self._listener_pid = os.getpid()
+
+    @property
+    def listener(self) -> Listener | None:
+        """The bus listener this pool is attached to (None without ``broadcast``)."""
+        return self._listener if self._listener_pid == os.getpid() else None
+
+    def _apply_command(self, command: Command, cutoff: float) -> None:
+        """Carry out a cluster-wide command (called by the bus listener).
+
+        ``cutoff``: connections opened after it are left alone by a recycle;
+        they were opened after the command was issued, so they are already
+        what the command asks for.
+        """
+        log.info("pool %s: command %d: %s", self.pool_name, command.gen, command.describe())
+        action = command.action
+        if action == "recycle":
+            self._mark_recycle(command.host, command.spread, SIGNAL, before=cutoff)
+        elif action == "rebalance":
+            self.rebalance()
+        elif action == "refresh":
+            self.refresh()
+        elif action == "drain":
+            self.drain()
 
     # -- hosts -------------------------------------------------------------------
     def _build_hostset(self, dialect: object) -> HostSet | None:
@@ -621,6 +727,8 @@ class RebalancingQueuePool(QueuePool):
         get_worker().poke()
 
     def _ensure_registered(self) -> None:
+        if self._bus is not None and self._listener_pid != os.getpid():
+            self._attach_bus()
         worker = get_worker()
         if not self._disposed and not worker.is_registered(self):
             worker.register(self)
@@ -641,12 +749,19 @@ class RebalancingQueuePool(QueuePool):
             raise ValueError("spread must be >= 0 seconds")
         if reason not in RETIREMENT_REASONS:
             raise ValueError(f"reason must be one of {', '.join(RETIREMENT_REASONS)}")
+        return self._mark_recycle(host, spread, reason)
+
+    def _mark_recycle(
+        self, host: str | None, spread: float, reason: str, before: float | None = None
+    ) -> int:
         now = time.time()
+        before = now if before is None else min(before, now)
+        keys = self._host_keys(host) if host is not None else None
         marked = 0
         for state in list(self._states.values()):
-            if state.closed or state.pinned or state.connected_at > now:
+            if state.closed or state.pinned or state.connected_at > before:
                 continue
-            if host is not None and state.host != host:
+            if keys is not None and state.host not in keys:
                 continue
             at = now + random.uniform(0.0, spread) if spread > 0 else now
             if state.retire_at is None or at < state.retire_at:
@@ -667,6 +782,53 @@ class RebalancingQueuePool(QueuePool):
             self._ensure_registered()
             self._request_pass()
         return marked
+
+    def _host_keys(self, host: str) -> set[str]:
+        """The host keys ``host`` stands for: a key (``address:port``), an
+        address, a name, or ``name:port``, as given in ``hosts=`` or the URL."""
+        keys = {host}
+        hostset = self._hostset
+        if hostset is not None:
+            for h in hostset.hosts():
+                names = {h.key, h.name, h.address, f"{h.name}:{h.port}" if h.port else h.name}
+                if host in names:
+                    keys.add(h.key)
+        for state in list(self._states.values()):
+            if state.host.rsplit(":", 1)[0] == host:
+                keys.add(state.host)
+        return keys
+
+    def drain(self) -> int:
+        """Close every connection, open none in the background; return how many go.
+
+        Idle connections are closed at once, connections in use when they
+        are checked in (never while in use); pinned ones are left alone. No
+        replacement is opened and ``min_size`` is not refilled until the
+        application checks out a connection again, which reconnects as a
+        new pool would. The pool stays usable throughout: use it when a
+        backend or a whole database is being retired, or to free server
+        connections held by an idle process.
+        """
+        count = sum(1 for s in list(self._states.values()) if not s.closed and not s.pinned)
+        self._drained = True
+        self._drain_requested = True
+        log.info("pool %s: draining %d connections", self.pool_name, count)
+        if signals.recycle_requested.receivers:
+            signals.recycle_requested.send(self, host=None, spread=0.0, reason=SIGNAL)
+        self._ensure_registered()
+        self._request_pass()
+        return count
+
+    def refresh(self) -> None:
+        """Re-resolve DNS names, re-check every host now, then rebalance."""
+        hostset = self._hostset
+        if hostset is not None and hostset.seeded:
+            for host in hostset.hosts():
+                host.next_check = 0.0
+            self._apply_changes(hostset.refresh_dns(force=True))
+        self._rebalance_requested = True
+        self._ensure_registered()
+        self._request_pass()
 
     def rebalance(self) -> int:
         """Move only the excess connections off over-loaded hosts; return how many will move.
@@ -852,6 +1014,7 @@ class RebalancingQueuePool(QueuePool):
             pinned += state.pinned
         # Spares count as open (they are connected) but neither idle nor in use.
         spares = len(self._spares)
+        listener = self.listener
         c = self._counters
         cfg = self._config
         return PoolStats(
@@ -873,6 +1036,7 @@ class RebalancingQueuePool(QueuePool):
             checkouts_waited=c.connects - c.connects_background,
             retirements=dict(c.retirements),
             hosts=self._host_stats(per_host),
+            bus=listener.stats_for(self) if listener is not None else BusStats(),
         )
 
     def _host_stats(self, per_host: dict[str, dict[str, int]]) -> dict[str, HostStats]:
@@ -915,6 +1079,10 @@ class RebalancingQueuePool(QueuePool):
         """
         self._disposed = True
         get_worker().unregister(self)
+        listener = self.listener
+        if listener is not None:
+            detach_listener(self, listener)
+        self._listener = None
         self._disposing = True
         try:
             super().dispose()
@@ -1015,6 +1183,10 @@ class RebalancingQueuePool(QueuePool):
                 self._rebalance_requested = False
                 self._mark_moves(now)
 
+        if self._drain_requested:
+            self._drain_requested = False
+            self._drain_now(retired)
+
         # 1. Connections handed over by checkin.
         while self._retiring:
             rec, reason, slot_empty = self._retiring.popleft()
@@ -1025,7 +1197,7 @@ class RebalancingQueuePool(QueuePool):
 
         idle = _sa.idle_records(self)
         for rec in idle:
-            if rec.dbapi_connection is None:
+            if rec.dbapi_connection is None and not self._drained:
                 # Invalidated and closed (a disconnect error): reconnect it
                 # here rather than inside the next checkout.
                 self._replace_idle(rec, ERROR, now)
@@ -1101,7 +1273,7 @@ class RebalancingQueuePool(QueuePool):
                 if not (state.pinned or state.closed) and self._replace_idle(rec, reason, now):
                     retired[reason] = retired.get(reason, 0) + 1
         # Marked records whose spare was closed (it came due) get a fresh one.
-        while len(self._spares) < min(len(self._doomed), self._spare_cap()):
+        while not self._drained and len(self._spares) < min(len(self._doomed), self._spare_cap()):
             if not self._open_spare(now):
                 break
         self._trim_spares()
@@ -1125,6 +1297,16 @@ class RebalancingQueuePool(QueuePool):
                 max(now + 0.01, hostset.next_dns_refresh()),
             )
 
+        if (
+            self._drained
+            and not self._states
+            and not self._retiring
+            and not self._doomed
+            and not self._spares
+        ):
+            # Drained and empty: nothing to maintain until the application
+            # connects again (which registers the pool anew).
+            get_worker().unregister(self)
         if retired:
             log.info(
                 "pool %s: retired %d connections (%s)",
@@ -1133,6 +1315,30 @@ class RebalancingQueuePool(QueuePool):
                 ", ".join(f"{k}={v}" for k, v in sorted(retired.items())),
             )
         return next_due
+
+    def _drain_now(self, retired: dict[str, int]) -> None:
+        """The work of :meth:`drain`, in the maintenance pass."""
+        self._spares, spares = [], self._spares
+        for spare in spares:
+            self._close(spare, SIGNAL)
+        for rec in _sa.idle_records(self):
+            state = self._states.get(rec)
+            if state is not None and state.pinned:
+                continue
+            if _sa.remove_idle(self, rec):
+                if rec.dbapi_connection is not None:
+                    self._close(rec, SIGNAL)
+                    retired[SIGNAL] = retired.get(SIGNAL, 0) + 1
+                _sa.dec_overflow(self)
+        for rec, state in list(self._states.items()):
+            if state.closed or state.pinned or not rec.in_use:
+                continue
+            self._doomed[rec] = (SIGNAL, state)
+            if _checked_in(rec) and _sa.remove_idle(self, rec):  # checked in meanwhile
+                self._doomed.pop(rec, None)
+                self._close(rec, SIGNAL)
+                _sa.dec_overflow(self)
+                retired[SIGNAL] = retired.get(SIGNAL, 0) + 1
 
     def _schedule(self) -> dict[Any, float]:
         """Start times of lifetime replacements (see ``schedule_replacements``)."""
@@ -1224,12 +1430,17 @@ class RebalancingQueuePool(QueuePool):
 
     def _refill_slot(self, old: ConnectionPoolEntry) -> None:
         """A doomed record was checked in with no spare ready: fill its slot."""
+        if self._drained:
+            _sa.dec_overflow(self)  # draining: the slot goes with its connection
+            return
         new = self._open(time.time())
         # If no connection could be opened, return the (closed) record itself:
         # the slot is kept and the next checkout reconnects it, as QueuePool would.
         _sa.queue_pool_return(self, new if new is not None else old)
 
     def _prefill(self, now: float) -> None:
+        if self._drained:
+            return
         want = self._config.min_size
         while self.size() + _sa.overflow(self) < want and not self._disposed:
             if not _sa.inc_overflow(self):

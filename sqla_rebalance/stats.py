@@ -110,11 +110,33 @@ class HostStats:
 
 @dataclass(frozen=True)
 class BusStats:
-    """Cluster-wide command bus figures (zero until a bus is configured)."""
+    """Cluster-wide command bus figures (zero when no ``broadcast`` is configured).
+
+    The message counts are those of the process's listener for this bus,
+    shared by every pool on it; ``commands_*`` are this pool's own.
+    ``rejected`` counts refused messages by kind (``bad_signature``,
+    ``stale``, ``replayed``...; see ``sqla_rebalance.bus.message``);
+    ``duplicates`` are commands read twice (live and from the log), which
+    is normal after a reconnect and not a rejection.
+    """
 
     generation_applied: int = 0
     messages_accepted: int = 0
     messages_rejected: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    connected: bool = False
+    url: str | None = None
+    channel: str | None = None
+    reconnects: int = 0
+    #: Commands applied to this pool, folded into another by
+    #: ``min_recycle_interval``, and waiting for it.
+    commands_applied: int = 0
+    commands_coalesced: int = 0
+    commands_pending: int = 0
+    last_error: str | None = None
+    #: This process on the bus (``hostname:pid:token``).
+    process: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,535 @@
+"""The listener: one thread per process per bus, applying commands to pools.
+
+Pools attach to the listener of their bus (same URL and channel, same
+secret) and are held by weak reference; the thread exits once no pool is
+left, and a pool attaching later starts a new one. After ``fork()`` a child
+starts with no listener (a thread cannot be inherited, and the parent's
+sockets must not be used or closed): its pools attach again, lazily, on
+their next connect.
+
+What a listener does, in order of importance:
+
+1. **Never affects checkout.** It runs in its own thread; a dead bus only
+   makes it reconnect, with exponential backoff and full jitter.
+2. **Applies each command once, in order.** Every command carries a
+   generation that only grows; anything at or below the last one applied
+   is a duplicate (read twice: once live, once from the log) or a replay.
+3. **Misses nothing for long.** Pub/sub and ``NOTIFY`` lose what is sent
+   while a listener is disconnected, so the durable log is re-read on every
+   (re)connect and on a slow jittered timer; a missed command is applied
+   late rather than never.
+4. **Protects the databases.** A pool applies at most one batch of commands
+   per ``min_recycle_interval``: commands arriving faster are coalesced
+   into one, applied when the interval has passed.
+5. **Reports.** A heartbeat with every attached pool's figures is written
+   every few seconds (and soon after a command), for ``sqla-rebalance
+   status`` and ``recycle --wait``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..stats import BusStats
+from .base import Bus, Subscription
+from .message import REJECTION_KINDS, REPLAYED, STALE, Command, Rejected, decode
+
+if TYPE_CHECKING:
+    from ..pool import RebalancingQueuePool
+
+__all__ = [
+    "CATCH_UP_MAX_AGE",
+    "HEARTBEAT_INTERVAL",
+    "LIVE_MAX_AGE",
+    "Listener",
+    "attach",
+    "detach",
+    "listener_for",
+    "process_id",
+]
+
+log = logging.getLogger("sqla_rebalance.bus")
+
+#: A live message must be issued within this many seconds of now (either
+#: way: clocks of a fleet differ by a little).
+LIVE_MAX_AGE = 300.0
+#: A command read from the log at catch-up older than this is skipped (and
+#: counted as stale): after an hour, a new deploy has done its work.
+CATCH_UP_MAX_AGE = 3600.0
+#: A command issued this long before a pool attached does not apply to it.
+ATTACH_GRACE = 5.0
+HEARTBEAT_INTERVAL = 5.0
+#: A heartbeat is visible for this many intervals.
+HEARTBEAT_TTL_FACTOR = 3.0
+#: The durable generation is re-read every this many seconds (jittered
+#: 50-150 %), in case a wake-up was lost without a disconnect.
+POLL_INTERVAL = 30.0
+#: Longest blocking read; bounds how late the thread notices it must stop.
+_TICK = 0.5
+_BACKOFF_MIN = 0.5
+_BACKOFF_MAX = 30.0
+#: A connection that stayed up this long resets the backoff.
+_STABLE = 5.0
+#: Rejections of one kind are logged once, then at most once per this.
+_LOG_EVERY = 60.0
+_RECENT = 4096
+
+
+def _jitter(value: float, low: float = 0.5, high: float = 1.5) -> float:
+    return value * random.uniform(low, high)
+
+
+_process_token = os.urandom(4).hex()
+
+
+def process_id() -> str:
+    """This process on the bus: ``hostname:pid:token`` (a new token after fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_token}"
+
+
+@dataclass
+class _Pending:
+    """Commands for one pool waiting for its ``min_recycle_interval``."""
+
+    due: float
+    #: (action, host) -> (command, cutoff)
+    commands: dict[tuple[str, str | None], tuple[Command, float]] = field(default_factory=dict)
+
+    def add(self, command: Command, cutoff: float) -> None:
+        key = (command.action, command.host)
+        if command.action == "recycle" and ("recycle", None) in self.commands:
+            key = ("recycle", None)  # a recycle of every host covers one of a host
+        elif command.action in ("recycle", "drain") and command.host is None:
+            # Covers the recycles of single hosts queued before it.
+            for k in [k for k in self.commands if k[0] == "recycle" and k[1] is not None]:
+                del self.commands[k]
+        old = self.commands.get(key)
+        if old is not None:
+            spread = max(old[0].spread, command.spread)
+            command = dataclasses.replace(command, spread=spread, host=key[1])
+            cutoff = max(cutoff, old[1])
+        self.commands[key] = (command, cutoff)
+
+    def ordered(self) -> list[tuple[Command, float]]:
+        return sorted(self.commands.values(), key=lambda item: item[0].gen)
+
+
+class _Member:
+    """A pool attached to a listener, and its share of the bookkeeping."""
+
+    __slots__ = ("applied", "attached_at", "coalesced", "last_applied", "pending", "ref", "samples")
+
+    def __init__(self, ref: weakref.ref[RebalancingQueuePool]) -> None:
+        self.ref = ref
+        self.attached_at = time.time()
+        self.last_applied = -1e18
+        self.pending: _Pending | None = None
+        #: Commands applied to this pool, and those folded into another.
+        self.applied = 0
+        self.coalesced = 0
+        #: (time, connects, retirements) for the churn figures.
+        self.samples: deque[tuple[float, int, int]] = deque(maxlen=32)
+
+
+class Listener:
+    """Receives the commands of one bus for the pools of this process."""
+
+    def __init__(self, bus: Bus, secret: bytes | None, key: tuple[str, str]) -> None:
+        self.bus = bus
+        self.secret = secret
+        self.key = key
+        self.created_at = time.time()
+        self._members: dict[int, _Member] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._wake = threading.Event()
+        #: Highest generation processed, and the recent ones (to tell a
+        #: duplicate read from a replay).
+        self.applied = 0
+        self._recent: deque[int] = deque(maxlen=_RECENT)
+        self._recent_set: set[int] = set()
+        self.accepted = 0
+        self.rejected: dict[str, int] = dict.fromkeys(REJECTION_KINDS, 0)
+        self.duplicates = 0
+        self.connected = False
+        self.connects = 0
+        self.last_error: str | None = None
+        self.heartbeats = 0
+        self._heartbeat_due = 0.0
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    # -- membership (under _registry_lock) -------------------------------------
+    def _add(self, pool: RebalancingQueuePool) -> None:
+        key = id(pool)
+        member = self._members.get(key)
+        if member is not None and member.ref() is pool:
+            return
+
+        def gone(ref: weakref.ref[RebalancingQueuePool]) -> None:
+            # Weakref callback: any thread, any time; dict.pop is atomic.
+            if self._members.get(key) is not None and self._members[key].ref is ref:
+                self._members.pop(key, None)
+            self._wake.set()
+
+        self._members[key] = _Member(weakref.ref(pool, gone))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"sqla-rebalance-bus-{self.bus.channel}", daemon=True
+            )
+            self._thread.start()
+
+    def _remove(self, pool: RebalancingQueuePool) -> None:
+        member = self._members.get(id(pool))
+        if member is not None and member.ref() is pool:
+            del self._members[id(pool)]
+        self._wake.set()
+
+    def _should_exit(self) -> bool:
+        with _registry_lock:
+            for key, member in list(self._members.items()):
+                if member.ref() is None:
+                    self._members.pop(key, None)
+            if self._members and not self._stopped:
+                return False
+            self._stopped = True
+            if _registry.get(self.key) is self:
+                del _registry[self.key]
+            return True
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def pools(self) -> list[tuple[RebalancingQueuePool, _Member]]:
+        out = []
+        for member in list(self._members.values()):
+            pool = member.ref()
+            if pool is not None:
+                out.append((pool, member))
+        return out
+
+    # -- the thread --------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.0
+        try:
+            while not self._should_exit():
+                up_since = time.monotonic()
+                try:
+                    sub = self.bus.subscribe()
+                except Exception as err:
+                    self._lost(err)
+                else:
+                    try:
+                        self._serve(sub)
+                        return
+                    except Exception as err:
+                        self._lost(err)
+                    finally:
+                        self.connected = False
+                        sub.close()
+                if time.monotonic() - up_since > _STABLE:
+                    backoff = 0.0
+                backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, backoff * 2))
+                if self._pause(random.uniform(0.0, backoff)):
+                    return
+        finally:
+            self.connected = False
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait while disconnected (still applying coalesced commands); True: stop."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self._run_pending(time.time())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._wake.wait(min(_TICK, left))
+            self._wake.clear()
+            if self._should_exit():
+                return True
+
+    def _lost(self, err: BaseException) -> None:
+        was = self.connected
+        self.connected = False
+        self.last_error = f"{type(err).__name__}: {err}"
+        if was:
+            log.warning("bus %s: connection lost (%s); reconnecting", self.bus, err)
+        else:
+            log.info("bus %s: cannot connect (%s); retrying", self.bus, err)
+
+    def _serve(self, sub: Subscription) -> None:
+        self.connected = True
+        self.connects += 1
+        if self.connects > 1:
+            log.info("bus %s: reconnected", self.bus)
+        self._catch_up(sub)
+        sub.reconnected = False
+        self._heartbeat(sub)
+        next_poll = time.monotonic() + _jitter(POLL_INTERVAL)
+        while not self._should_exit():
+            raw = sub.get(self._timeout())
+            burst = 0
+            while raw is not None:
+                self._receive(raw, live=True)
+                burst += 1
+                # Drain what is queued before doing anything else, but
+                # stay responsive to a flood.
+                raw = sub.get(0.0) if burst < 1000 else None
+            if sub.reconnected:  # the transport reconnected on its own
+                sub.reconnected = False
+                self.connects += 1
+                self._catch_up(sub)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + _jitter(POLL_INTERVAL)
+                if sub.generation() > self.applied:
+                    self._catch_up(sub)
+            now = time.time()
+            self._run_pending(now)
+            if now >= self._heartbeat_due:
+                self._heartbeat(sub)
+
+    def _timeout(self) -> float:
+        now = time.time()
+        wake = min(now + _TICK, self._heartbeat_due)
+        for _pool, member in self.pools():
+            if member.pending is not None:
+                wake = min(wake, member.pending.due)
+        return max(0.0, wake - now)
+
+    # -- receiving ---------------------------------------------------------------
+    def _catch_up(self, sub: Subscription) -> None:
+        """Apply what the log holds beyond the last generation processed."""
+        while True:
+            batch = sub.since(self.applied)
+            for raw in batch:
+                self._receive(raw, live=False)
+            if len(batch) < 100:
+                return
+
+    def _receive(self, raw: bytes, live: bool) -> None:
+        received = time.time()
+        try:
+            command = decode(raw, self.secret, max_age=LIVE_MAX_AGE if live else None, now=received)
+        except Rejected as rejected:
+            self._reject(rejected.kind, rejected.detail)
+            return
+        gen = command.gen
+        if gen <= self.applied:
+            if gen in self._recent_set:
+                self.duplicates += 1
+            else:
+                self._reject(REPLAYED, f"generation {gen} <= {self.applied}")
+            return
+        self._processed(gen)
+        if not live and command.issued_at < self.created_at - ATTACH_GRACE:
+            return  # from before this listener existed: not ours to apply
+        if not live and received - command.issued_at > CATCH_UP_MAX_AGE:
+            self._reject(STALE, f"logged command {gen} is older than {CATCH_UP_MAX_AGE:g}s")
+            return
+        self.accepted += 1
+        # Connections opened after the command was issued are already fresh.
+        cutoff = received if live else min(command.issued_at, received)
+        for pool, member in self.pools():
+            if command.matches(pool.pool_name) and (
+                command.issued_at >= member.attached_at - ATTACH_GRACE
+            ):
+                self._dispatch(pool, member, command, cutoff, received)
+        self._heartbeat_due = min(self._heartbeat_due, received + 0.2)
+
+    def _processed(self, gen: int) -> None:
+        self.applied = gen
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(gen)
+        self._recent_set.add(gen)
+
+    def _dispatch(
+        self,
+        pool: RebalancingQueuePool,
+        member: _Member,
+        command: Command,
+        cutoff: float,
+        now: float,
+    ) -> None:
+        interval = pool.config.min_recycle_interval
+        if member.pending is None and now - member.last_applied >= interval:
+            member.last_applied = now
+            self._apply(pool, member, command, cutoff)
+            return
+        if member.pending is None:
+            member.pending = _Pending(due=member.last_applied + interval)
+        else:
+            member.coalesced += 1
+        member.pending.add(command, cutoff)
+
+    def _run_pending(self, now: float) -> None:
+        for pool, member in self.pools():
+            pending = member.pending
+            if pending is None or pending.due > now:
+                continue
+            member.pending = None
+            member.last_applied = now
+            for command, cutoff in pending.ordered():
+                self._apply(pool, member, command, cutoff)
+            self._heartbeat_due = min(self._heartbeat_due, now + 0.2)
+
+    def _apply(
+        self, pool: RebalancingQueuePool, member: _Member, command: Command, cutoff: float
+    ) -> None:
+        member.applied += 1
+        try:
+            pool._apply_command(command, cutoff)
+        except Exception:  # one pool's failure must not stop the others
+            log.exception("pool %s: applying %s failed", pool.pool_name, command.describe())
+
+    def _reject(self, kind: str, detail: str) -> None:
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        now = time.monotonic()
+        last, suppressed = self._logged.get(kind, (-1e18, 0))
+        if now - last < _LOG_EVERY:
+            self._logged[kind] = (last, suppressed + 1)
+            return
+        self._logged[kind] = (now, 0)
+        more = f" ({suppressed} more like it since the last report)" if suppressed else ""
+        log.warning("bus %s: rejected a message: %s: %s%s", self.bus, kind, detail, more)
+
+    # -- reporting ---------------------------------------------------------------
+    def _heartbeat(self, sub: Subscription) -> None:
+        now = time.time()
+        self._heartbeat_due = now + HEARTBEAT_INTERVAL
+        payload = json.dumps(self.status(now), separators=(",", ":")).encode()
+        sub.put_heartbeat(process_id(), payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR)
+        self.heartbeats += 1
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """This process's part of ``sqla-rebalance status`` (JSON-able)."""
+        now = time.time() if now is None else now
+        pools = []
+        for pool, member in self.pools():
+            stats = pool.stats()
+            retired = sum(stats.retirements.values())
+            member.samples.append((now, stats.connects, retired))
+            while len(member.samples) > 1 and now - member.samples[0][0] > 60.0:
+                member.samples.popleft()
+            t0, c0, r0 = member.samples[0]
+            minutes = max((now - t0) / 60.0, 1e-9)
+            pools.append(
+                {
+                    "pool": pool.pool_name,
+                    "open": stats.open,
+                    "idle": stats.idle,
+                    "in_use": stats.in_use,
+                    "pool_size": stats.pool_size,
+                    "connects": stats.connects,
+                    "checkouts_waited": stats.checkouts_waited,
+                    "retirements": {k: v for k, v in stats.retirements.items() if v},
+                    "churn_per_min": {
+                        "connects": round((stats.connects - c0) / minutes, 1) if now > t0 else 0.0,
+                        "retirements": round((retired - r0) / minutes, 1) if now > t0 else 0.0,
+                    },
+                    "commands_applied": member.applied,
+                    "commands_pending": len(member.pending.commands) if member.pending else 0,
+                    "hosts": {
+                        key: {
+                            "open": h.open,
+                            "idle": h.idle,
+                            "in_use": h.in_use,
+                            "health": h.health,
+                            "role": h.role,
+                        }
+                        for key, h in stats.hosts.items()
+                    },
+                }
+            )
+        return {
+            "v": 1,
+            "process": process_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.created_at,
+            "ts": now,
+            "generation": self.applied,
+            "accepted": self.accepted,
+            "rejected": sum(self.rejected.values()),
+            "pools": pools,
+        }
+
+    def stats_for(self, pool: RebalancingQueuePool) -> BusStats:
+        member = self._members.get(id(pool))
+        mine = member if member is not None and member.ref() is pool else None
+        return BusStats(
+            generation_applied=self.applied,
+            messages_accepted=self.accepted,
+            messages_rejected=sum(self.rejected.values()),
+            rejected={k: v for k, v in self.rejected.items() if v},
+            duplicates=self.duplicates,
+            connected=self.connected,
+            url=self.bus.display_url,
+            channel=self.bus.channel,
+            reconnects=max(0, self.connects - 1),
+            commands_applied=mine.applied if mine else 0,
+            commands_coalesced=mine.coalesced if mine else 0,
+            commands_pending=len(mine.pending.commands) if mine and mine.pending else 0,
+            last_error=self.last_error,
+            process=process_id(),
+        )
+
+
+# -- the registry: one listener per bus (and secret) per process -----------------
+_registry: dict[tuple[str, str], Listener] = {}
+_registry_lock = threading.Lock()
+
+
+def _key(bus: Bus, secret: bytes | None) -> tuple[str, str]:
+    digest = hashlib.sha256(secret).hexdigest()[:16] if secret else ""
+    return (bus.key, digest)
+
+
+def attach(pool: RebalancingQueuePool, bus: Bus, secret: bytes | None) -> Listener:
+    """Have ``pool`` receive the commands of ``bus``; start the listener if needed."""
+    key = _key(bus, secret)
+    with _registry_lock:
+        listener = _registry.get(key)
+        if listener is None or listener._stopped:
+            listener = _registry[key] = Listener(bus, secret, key)
+        listener._add(pool)
+        return listener
+
+
+def detach(pool: RebalancingQueuePool, listener: Listener) -> None:
+    with _registry_lock:
+        listener._remove(pool)
+
+
+def listener_for(bus: Bus, secret: bytes | None) -> Listener | None:
+    """The running listener of ``bus`` in this process, if any (for tests and status)."""
+    return _registry.get(_key(bus, secret))
+
+
+#: Listeners inherited from the parent process: never used, never closed
+#: (closing a PostgreSQL connection would end the parent's session).
+_INHERITED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    global _registry, _registry_lock, _process_token
+    _INHERITED.append(_registry)
+    _registry = {}
+    _registry_lock = threading.Lock()
+    _process_token = os.urandom(4).hex()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

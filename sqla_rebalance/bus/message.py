@@ -1,0 +1,261 @@
+"""Cluster-wide commands on the wire: small, versioned, signed JSON.
+
+A command is one JSON object of at most :data:`MAX_BYTES` bytes (far below
+PostgreSQL's 8000-byte ``NOTIFY`` payload limit)::
+
+    {"v": 1, "gen": 1764662400123, "action": "recycle", "pool": "orders",
+     "host": null, "spread": 30.0, "issued_at": 1764662400.123,
+     "nonce": "9f2c...", "mac": "<hex HMAC-SHA256>"}
+
+The MAC is HMAC-SHA256 over the *canonical* form of every other field:
+``json.dumps(fields, sort_keys=True, separators=(",", ":"))``. Verification
+recomputes it from the parsed object, so key order and whitespace on the wire
+do not matter, and compares with :func:`hmac.compare_digest` (constant time).
+
+``gen`` is the command's generation, given by the bus when it is published
+(see ``base.next_generation``): it only grows, so a receiver that has applied
+generation N can reject anything at or below N as a replay. ``issued_at``
+bounds how long a captured message stays usable; ``nonce`` makes two commands
+with the same content and second distinct.
+
+Decoding never raises anything but :class:`Rejected`, whose ``kind`` is one of
+:data:`REJECTION_KINDS`: a receiver counts it and moves on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ACTIONS",
+    "MAX_BYTES",
+    "REJECTION_KINDS",
+    "VERSION",
+    "Command",
+    "Rejected",
+    "decode",
+    "encode",
+    "new_command",
+]
+
+VERSION = 1
+#: ``recycle``: replace connections gracefully (over ``spread`` seconds);
+#: ``rebalance``: move only the excess connections between hosts;
+#: ``refresh``: re-resolve DNS names, re-check failed hosts now, rebalance;
+#: ``drain``: close every connection (idle now, in use at checkin) and open
+#: none until the application needs one again.
+ACTIONS = ("recycle", "rebalance", "refresh", "drain")
+MAX_BYTES = 1024
+#: Longest ``spread`` a command may ask for (one day).
+MAX_SPREAD = 86400.0
+
+# Why a message was refused (the keys of ``BusStats.rejected``).
+OVERSIZED = "oversized"
+MALFORMED = "malformed"
+VERSION_MISMATCH = "version"
+UNSIGNED = "unsigned"
+BAD_SIGNATURE = "bad_signature"
+UNKNOWN_ACTION = "unknown_action"
+STALE = "stale"
+REPLAYED = "replayed"
+REJECTION_KINDS: tuple[str, ...] = (
+    OVERSIZED,
+    MALFORMED,
+    VERSION_MISMATCH,
+    UNSIGNED,
+    BAD_SIGNATURE,
+    UNKNOWN_ACTION,
+    STALE,
+    REPLAYED,
+)
+
+_FIELDS = frozenset({"v", "gen", "action", "pool", "host", "spread", "issued_at", "nonce", "mac"})
+
+
+class Rejected(Exception):
+    """A message that must not be applied; ``kind`` says why."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.kind, self.detail))
+
+
+@dataclass(frozen=True)
+class Command:
+    """One cluster-wide command, as published and as received."""
+
+    action: str
+    gen: int = 0
+    #: Pool name or glob (``fnmatch`` rules, case-sensitive): ``*`` is every pool.
+    pool: str = "*"
+    #: Limit to the connections of one host (``address:port``, ``name:port``
+    #: or a bare name/address, as in ``pool.stats()``); None is every host.
+    host: str | None = None
+    spread: float = 0.0
+    issued_at: float = 0.0
+    nonce: str = ""
+
+    def matches(self, pool_name: str) -> bool:
+        return fnmatch.fnmatchcase(pool_name, self.pool)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "gen": self.gen,
+            "action": self.action,
+            "pool": self.pool,
+            "host": self.host,
+            "spread": self.spread,
+            "issued_at": self.issued_at,
+            "nonce": self.nonce,
+        }
+
+    def describe(self) -> str:
+        parts = [self.action, f"pool={self.pool}"]
+        if self.host:
+            parts.append(f"host={self.host}")
+        if self.spread:
+            parts.append(f"spread={self.spread:g}s")
+        return " ".join(parts)
+
+
+def new_command(
+    action: str, pool: str = "*", host: str | None = None, spread: float = 0.0
+) -> Command:
+    """A command ready to publish (the bus fills in ``gen``); validates its arguments."""
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    if not isinstance(pool, str) or not pool or len(pool) > 200:
+        raise ValueError("pool must be a pool name or glob of 1 to 200 characters")
+    if host is not None and (not isinstance(host, str) or not host or len(host) > 255):
+        raise ValueError("host must be a host name, address or address:port")
+    if action == "drain" and host is not None:
+        raise ValueError(
+            "drain applies to whole pools; to take one host out, remove it from DNS or "
+            "hosts= and send refresh (or recycle --host to reconnect to it)"
+        )
+    spread = float(spread)
+    if not (0.0 <= spread <= MAX_SPREAD):
+        raise ValueError(f"spread must be between 0 and {MAX_SPREAD:g} seconds")
+    return Command(
+        action=action,
+        pool=pool,
+        host=host,
+        spread=spread,
+        issued_at=time.time(),
+        nonce=os.urandom(8).hex(),
+    )
+
+
+def _canonical(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _mac(secret: bytes, fields: dict[str, Any]) -> str:
+    return hmac.new(secret, _canonical(fields), hashlib.sha256).hexdigest()
+
+
+def encode(command: Command, secret: bytes | None) -> bytes:
+    """The wire form of ``command``, signed when ``secret`` is given."""
+    fields = command.fields()
+    if secret:
+        fields["mac"] = _mac(secret, fields)
+    data = _canonical(fields)
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"command is {len(data)} bytes, more than {MAX_BYTES}")
+    return data
+
+
+def _number(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Rejected(MALFORMED, f"{key} must be a finite number")
+    return float(value)
+
+
+def decode(
+    raw: bytes | str,
+    secret: bytes | None,
+    *,
+    max_age: float | None,
+    now: float | None = None,
+) -> Command:
+    """Parse and verify one message; raise :class:`Rejected` if it must not be applied.
+
+    With ``secret`` None (a bus configured without ``broadcast_secret``) the
+    MAC is not checked: anybody who can publish on the bus is trusted.
+    ``max_age`` rejects a message whose ``issued_at`` is further than that
+    from ``now`` in either direction (None: no age check, for catch-up reads
+    of the durable log, whose age is bounded by the listener instead).
+    """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_BYTES:
+        raise Rejected(OVERSIZED, f"{len(raw)} bytes (limit {MAX_BYTES})")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Rejected(MALFORMED, "not JSON") from None
+    if not isinstance(obj, dict):
+        raise Rejected(MALFORMED, "not a JSON object")
+    if obj.get("v") != VERSION:
+        raise Rejected(VERSION_MISMATCH, f"version {obj.get('v')!r} (this is {VERSION})")
+    mac = obj.pop("mac", None)
+    if secret:
+        if mac is None:
+            raise Rejected(UNSIGNED, "no mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(
+            mac.encode("ascii", "replace"), _mac(secret, obj).encode("ascii")
+        ):
+            raise Rejected(BAD_SIGNATURE, "mac does not match")
+    unknown = set(obj) - _FIELDS
+    if unknown:
+        raise Rejected(MALFORMED, f"unknown fields {sorted(unknown)}")
+    gen = obj.get("gen")
+    if isinstance(gen, bool) or not isinstance(gen, int) or gen <= 0:
+        raise Rejected(MALFORMED, "gen must be a positive integer")
+    action = obj.get("action")
+    if not isinstance(action, str):
+        raise Rejected(MALFORMED, "action must be a string")
+    if action not in ACTIONS:
+        raise Rejected(UNKNOWN_ACTION, f"action {action[:40]!r}")
+    pool = obj.get("pool")
+    if not isinstance(pool, str) or not pool:
+        raise Rejected(MALFORMED, "pool must be a non-empty string")
+    host = obj.get("host")
+    if host is not None and (not isinstance(host, str) or not host):
+        raise Rejected(MALFORMED, "host must be a string or null")
+    if action == "drain" and host is not None:
+        raise Rejected(MALFORMED, "drain takes no host")
+    spread = _number(obj, "spread")
+    if not 0.0 <= spread <= MAX_SPREAD:
+        raise Rejected(MALFORMED, f"spread {spread} out of range")
+    issued_at = _number(obj, "issued_at")
+    nonce = obj.get("nonce")
+    if not isinstance(nonce, str) or len(nonce) > 64:
+        raise Rejected(MALFORMED, "nonce must be a string of at most 64 characters")
+    if max_age is not None:
+        age = (time.time() if now is None else now) - issued_at
+        if abs(age) > max_age:
+            raise Rejected(STALE, f"issued {age:+.0f}s from now (window {max_age:g}s)")
+    return Command(
+        action=action,
+        gen=gen,
+        pool=pool,
+        host=host,
+        spread=spread,
+        issued_at=issued_at,
+        nonce=nonce,
+    )

@@ -1,0 +1,230 @@
+"""The PostgreSQL bus (``postgresql://`` URLs, libpq form; needs psycopg 3.2+).
+
+Two tables, created on first use (``CREATE TABLE IF NOT EXISTS``, so the bus
+role needs ``CREATE`` on its schema once, or an administrator runs
+:data:`SCHEMA` beforehand):
+
+- ``sqla_rebalance_commands``: the durable log, one row per command;
+- ``sqla_rebalance_heartbeats``: each live process's status, with an expiry.
+
+A publish is one transaction: a transaction-scoped advisory lock (so that
+publishers never interleave), the next generation, the log row and
+``pg_notify(channel, message)``. PostgreSQL delivers the notification only
+if that transaction commits, so a listener never hears of a command that is
+not in the log. Each listening process holds one autocommit connection
+(``application_name`` ``sqla-rebalance-listener``) and also writes its
+heartbeats through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
+
+__all__ = ["SCHEMA", "PostgresBus"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sqla_rebalance_commands (
+    channel text NOT NULL,
+    gen bigint NOT NULL,
+    message text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, gen)
+);
+CREATE TABLE IF NOT EXISTS sqla_rebalance_heartbeats (
+    channel text NOT NULL,
+    process text NOT NULL,
+    payload text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (channel, process)
+);
+"""
+#: Advisory lock key that serialises publishers (and schema creation).
+_LOCK_KEY = 0x5F5152424C  # "_QRBL"
+#: Connection options: fail fast, and notice a dead server on an idle
+#: LISTEN connection within about 20 s (TCP keepalives, user timeout).
+_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 15000,
+}
+
+
+def _conninfo(url: str) -> str:
+    """A libpq URL: SQLAlchemy's ``postgresql+psycopg://`` is accepted too."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+class PostgresBus(Bus):
+    schemes = ("postgresql", "postgres", "postgresql+psycopg")
+
+    def connect(self, application_name: str = "sqla-rebalance") -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                _conninfo(self.url),
+                autocommit=True,
+                application_name=application_name,
+                **_OPTIONS,
+            )
+        except psycopg.Error as err:
+            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
+
+    def ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            conn.execute(SCHEMA)
+
+    def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
+        conn = self.connect()
+        try:
+            self.ensure_schema(conn)
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                row = conn.execute(
+                    "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands WHERE channel = %s",
+                    (self.channel,),
+                ).fetchone()
+                gen = next_generation(int(row[0]) if row else 0)
+                data = build(gen).decode("ascii")
+                conn.execute(
+                    "INSERT INTO sqla_rebalance_commands (channel, gen, message)"
+                    " VALUES (%s, %s, %s)",
+                    (self.channel, gen, data),
+                )
+                conn.execute(
+                    "DELETE FROM sqla_rebalance_commands WHERE channel = %s AND gen < ("
+                    " SELECT gen FROM sqla_rebalance_commands WHERE channel = %s"
+                    " ORDER BY gen DESC OFFSET %s LIMIT 1)",
+                    (self.channel, self.channel, LOG_LENGTH - 1),
+                )
+                conn.execute("SELECT pg_notify(%s, %s)", (self.channel, data))
+        except psycopg.Error as err:
+            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
+        finally:
+            conn.close()
+        return gen, None
+
+    def generation(self) -> int:
+        conn = self.connect()
+        try:
+            return _generation(conn, self.channel)
+        except psycopg.Error as err:
+            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
+        finally:
+            conn.close()
+
+    def heartbeats(self) -> list[bytes]:
+        conn = self.connect()
+        try:
+            rows = conn.execute(
+                "SELECT payload FROM sqla_rebalance_heartbeats"
+                " WHERE channel = %s AND expires_at > now() ORDER BY process",
+                (self.channel,),
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+        except psycopg.Error as err:
+            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
+        finally:
+            conn.close()
+        return [str(r[0]).encode() for r in rows]
+
+    def subscribe(self) -> Subscription:
+        return _PostgresSubscription(self)
+
+
+def _generation(conn: psycopg.Connection[Any], channel: str) -> int:
+    try:
+        row = conn.execute(
+            "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands WHERE channel = %s",
+            (channel,),
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return int(row[0]) if row else 0
+
+
+class _PostgresSubscription(Subscription):
+    def __init__(self, bus: PostgresBus) -> None:
+        self._bus = bus
+        self._conn = bus.connect("sqla-rebalance-listener")
+        self._can_heartbeat = True
+        try:
+            try:
+                bus.ensure_schema(self._conn)
+            except psycopg.errors.InsufficientPrivilege:
+                # A listener may be read-only; heartbeats need the table.
+                self._can_heartbeat = False
+            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(bus.channel)))
+        except psycopg.Error as err:
+            self.close()
+            raise self._fail(err) from err
+
+    def _fail(self, err: Exception) -> BusUnavailableError:
+        return BusUnavailableError(f"postgresql {self._bus.display_url}: {err}")
+
+    def get(self, timeout: float) -> bytes | None:
+        try:
+            for notify in self._conn.notifies(timeout=timeout, stop_after=1):
+                return notify.payload.encode("utf-8", "surrogateescape")
+        except psycopg.Error as err:
+            raise self._fail(err) from err
+        if self._conn.closed:
+            raise self._fail(RuntimeError("connection closed"))
+        return None
+
+    def generation(self) -> int:
+        try:
+            return _generation(self._conn, self._bus.channel)
+        except psycopg.Error as err:
+            raise self._fail(err) from err
+
+    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[bytes]:
+        try:
+            rows = self._conn.execute(
+                "SELECT message FROM sqla_rebalance_commands"
+                " WHERE channel = %s AND gen > %s ORDER BY gen LIMIT %s",
+                (self._bus.channel, gen, limit),
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+        except psycopg.Error as err:
+            raise self._fail(err) from err
+        return [str(r[0]).encode("utf-8", "surrogateescape") for r in rows]
+
+    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+        if not self._can_heartbeat:
+            return
+        try:
+            self._conn.execute(
+                "INSERT INTO sqla_rebalance_heartbeats (channel, process, payload, expires_at)"
+                " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
+                " ON CONFLICT (channel, process) DO UPDATE"
+                " SET payload = excluded.payload, expires_at = excluded.expires_at",
+                (self._bus.channel, process, payload.decode(), ttl),
+            )
+            # Expired rows of processes that are gone; cheap with few rows.
+            self._conn.execute(
+                "DELETE FROM sqla_rebalance_heartbeats"
+                " WHERE channel = %s AND expires_at < now() - interval '1 hour'",
+                (self._bus.channel,),
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            self._can_heartbeat = False
+        except psycopg.Error as err:
+            raise self._fail(err) from err
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing must never raise into the listener
+            self._conn.close()

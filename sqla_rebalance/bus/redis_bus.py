@@ -1,0 +1,164 @@
+"""The Redis bus (``redis://`` and ``rediss://`` URLs; needs redis-py).
+
+Keys, all under the channel name (default ``sqla_rebalance``):
+
+- ``<channel>:gen``: the current generation;
+- ``<channel>:log``: the last :data:`~.base.LOG_LENGTH` commands, a sorted set
+  scored by generation;
+- ``<channel>:hb:<process>``: each live process's heartbeat, with a TTL;
+- pub/sub channel ``<channel>:commands``: the wake-up hint.
+
+A publish is one ``WATCH``/``MULTI`` transaction (generation, log, publish),
+so publishers never interleave: generations reach every listener in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, cast
+
+import redis
+from redis.client import PubSub
+
+from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
+
+__all__ = ["RedisBus"]
+
+_CONNECT_TIMEOUT = 2.0
+_SOCKET_TIMEOUT = 5.0
+#: A subscribed connection sends a PING this often when idle, so a dead
+#: server is noticed even when no command is sent.
+_HEALTH_CHECK_INTERVAL = 5
+
+
+class _PubSub(PubSub):
+    """redis-py's PubSub, telling us when it reconnected on its own."""
+
+    owner: _RedisSubscription | None = None
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)
+        if self.owner is not None:
+            self.owner.reconnected = True
+
+
+class RedisBus(Bus):
+    schemes = ("redis", "rediss", "unix")
+
+    def _keys(self) -> tuple[str, str, str]:
+        c = self.channel
+        return f"{c}:gen", f"{c}:log", f"{c}:commands"
+
+    def client(self) -> redis.Redis:
+        """A new client (connections are made lazily, one pool per client)."""
+        return redis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_keepalive=True,
+            health_check_interval=_HEALTH_CHECK_INTERVAL,
+            client_name="sqla-rebalance",
+        )
+
+    def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
+        gen_key, log_key, channel = self._keys()
+        out: dict[str, int] = {}
+
+        def txn(pipe: Any) -> None:
+            last = int(pipe.get(gen_key) or 0)
+            gen = next_generation(last)
+            data = build(gen)
+            pipe.multi()
+            pipe.set(gen_key, gen)
+            pipe.zadd(log_key, {data: gen})
+            pipe.zremrangebyrank(log_key, 0, -LOG_LENGTH - 1)
+            pipe.publish(channel, data)
+            out["gen"] = gen
+
+        client = self.client()
+        try:
+            result = client.transaction(txn, gen_key)
+        except redis.RedisError as err:
+            raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
+        finally:
+            client.close()
+        return out["gen"], int(cast("list[Any]", result)[-1])
+
+    def generation(self) -> int:
+        client = self.client()
+        try:
+            return int(client.get(self._keys()[0]) or 0)
+        except redis.RedisError as err:
+            raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
+        finally:
+            client.close()
+
+    def heartbeats(self) -> list[bytes]:
+        client = self.client()
+        try:
+            keys = list(client.scan_iter(match=f"{self.channel}:hb:*", count=500))
+            values = client.mget(keys) if keys else []
+        except redis.RedisError as err:
+            raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
+        finally:
+            client.close()
+        return [v if isinstance(v, bytes) else str(v).encode() for v in values if v is not None]
+
+    def subscribe(self) -> Subscription:
+        return _RedisSubscription(self)
+
+
+class _RedisSubscription(Subscription):
+    def __init__(self, bus: RedisBus) -> None:
+        self._bus = bus
+        self._gen_key, self._log_key, channel = bus._keys()
+        self._client = bus.client()
+        self._pubsub = _PubSub(self._client.connection_pool, ignore_subscribe_messages=True)
+        self._pubsub.owner = self
+        try:
+            self._pubsub.subscribe(channel)
+        except redis.RedisError as err:
+            self.close()
+            raise BusUnavailableError(f"redis {bus.display_url}: {err}") from err
+
+    def _fail(self, err: Exception) -> BusUnavailableError:
+        return BusUnavailableError(f"redis {self._bus.display_url}: {err}")
+
+    def get(self, timeout: float) -> bytes | None:
+        try:
+            msg = self._pubsub.get_message(timeout=timeout)
+        except (redis.RedisError, OSError, ValueError) as err:
+            # ValueError: redis-py reading from a connection closed under it.
+            raise self._fail(err) from err
+        if msg is None or msg.get("type") != "message":
+            return None
+        data = msg.get("data")
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    def generation(self) -> int:
+        try:
+            return int(self._client.get(self._gen_key) or 0)
+        except redis.RedisError as err:
+            raise self._fail(err) from err
+
+    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[bytes]:
+        try:
+            rows = self._client.zrangebyscore(self._log_key, f"({gen}", "+inf", start=0, num=limit)
+        except redis.RedisError as err:
+            raise self._fail(err) from err
+        return [r if isinstance(r, bytes) else str(r).encode() for r in cast("list[Any]", rows)]
+
+    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+        try:
+            self._client.set(
+                f"{self._bus.channel}:hb:{process}", payload, px=max(1, int(ttl * 1000))
+            )
+        except redis.RedisError as err:
+            raise self._fail(err) from err
+
+    def close(self) -> None:
+        self._pubsub.owner = None
+        for close in (self._pubsub.close, self._client.close):
+            with contextlib.suppress(Exception):  # closing must never raise into the listener
+                close()

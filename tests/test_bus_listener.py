@@ -1,0 +1,185 @@
+"""The listener's bookkeeping under a fake clock: order, duplicates, replays, catch-up, coalescing.
+
+No thread and no server here: messages are fed to ``Listener._receive`` and the
+coalescing timer is driven by hand. The real transports are tested against real
+servers in ``test_bus_redis.py``, ``test_bus_postgres.py`` and ``test_bus_pool.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from typing import Any
+
+import pytest
+
+from sqla_rebalance.bus import listener as listener_mod
+from sqla_rebalance.bus.base import DEFAULT_CHANNEL
+from sqla_rebalance.bus.message import encode, new_command
+from sqla_rebalance.bus.sqlite_bus import SQLiteBus
+
+from .helpers import FakeClock
+
+SECRET = b"s"
+
+
+class FakePool:
+    """What the listener needs of a pool, recording the commands applied."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        self.pool_name = name
+        self.config = types.SimpleNamespace(min_recycle_interval=interval)
+        self.applied: list[tuple[str, str | None, float, float]] = []
+
+    def _apply_command(self, command: Any, cutoff: float) -> None:
+        self.applied.append((command.action, command.host, command.spread, cutoff))
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(listener_mod, "time", types.SimpleNamespace(time=clock, monotonic=clock))
+    return clock
+
+
+@pytest.fixture
+def make(clock, tmp_path):
+    """A listener (no thread) with some fake pools attached."""
+    made = []
+
+    def make(*pools: FakePool) -> listener_mod.Listener:
+        bus = SQLiteBus(f"sqlite:///{tmp_path}/bus.db", DEFAULT_CHANNEL)
+        listener = listener_mod.Listener(bus, SECRET, ("k", ""))
+        for pool in pools:
+            listener._members[id(pool)] = listener_mod._Member(weakref.ref(pool))
+        made.append(pools)  # keep the pools alive
+        return listener
+
+    return make
+
+
+def message(clock: FakeClock, gen: int, action: str = "recycle", **kw: Any) -> bytes:
+    cmd = dataclasses.replace(new_command(action, **kw), gen=gen, issued_at=clock.now)
+    return encode(cmd, SECRET)
+
+
+def test_each_generation_is_applied_once(clock, make):
+    pool = FakePool("orders", 0.0)
+    lst = make(pool)
+    clock.advance(10)
+    first = message(clock, 100)
+    lst._receive(first, live=True)
+    lst._receive(first, live=False)  # the same command read again from the log
+    assert len(pool.applied) == 1
+    assert lst.duplicates == 1
+    assert sum(lst.rejected.values()) == 0
+    assert lst.applied == 100
+
+
+def test_an_old_generation_never_seen_is_a_replay(clock, make):
+    pool = FakePool("orders", 0.0)
+    lst = make(pool)
+    clock.advance(10)
+    lst._receive(message(clock, 100), live=True)
+    lst._receive(message(clock, 99), live=True)
+    assert lst.rejected["replayed"] == 1
+    assert len(pool.applied) == 1
+
+
+def test_commands_reach_only_matching_pools(clock, make):
+    orders, orders_eu, billing = (FakePool(n, 0.0) for n in ("orders", "orders-eu", "billing"))
+    lst = make(orders, orders_eu, billing)
+    clock.advance(10)
+    lst._receive(message(clock, 1, pool="orders*"), live=True)
+    lst._receive(message(clock, 2, action="rebalance", pool="billing"), live=True)
+    assert [p.applied[0][0] for p in (orders, orders_eu)] == ["recycle", "recycle"]
+    assert [a[0] for a in billing.applied] == ["rebalance"]
+
+
+def test_catch_up_skips_history_from_before_the_listener(clock, make):
+    pool = FakePool("orders", 0.0)
+    before = message(clock, 1)  # in the log before this process started
+    clock.advance(listener_mod.ATTACH_GRACE + 1)
+    lst = make(pool)
+    lst._receive(before, live=False)
+    assert pool.applied == []
+    assert lst.applied == 1  # processed: never considered again
+    clock.advance(1)
+    missed = message(clock, 2, spread=3)  # sent while disconnected
+    clock.advance(20)
+    lst._receive(missed, live=False)
+    # Applied late, and only to connections older than the command itself.
+    assert pool.applied == [("recycle", None, 3.0, clock.now - 20)]
+
+
+def test_catch_up_skips_commands_older_than_its_window(clock, make):
+    pool = FakePool("orders", 0.0)
+    lst = make(pool)
+    clock.advance(1)
+    old = message(clock, 1)
+    clock.advance(listener_mod.CATCH_UP_MAX_AGE + 1)
+    lst._receive(old, live=False)
+    assert pool.applied == []
+    assert lst.rejected["stale"] == 1
+
+
+def test_commands_faster_than_the_interval_are_coalesced(clock, make):
+    pool = FakePool("orders", 10.0)
+    lst = make(pool)
+    clock.advance(100)
+    lst._receive(message(clock, 1, spread=1), live=True)
+    assert len(pool.applied) == 1
+    for gen in range(2, 1002):  # a flood: 1,000 more within the same second
+        lst._receive(message(clock, gen, spread=gen % 7), live=True)
+    assert len(pool.applied) == 1
+    clock.advance(9.9)
+    lst._run_pending(clock.now)
+    assert len(pool.applied) == 1
+    clock.advance(0.2)
+    lst._run_pending(clock.now)
+    # One more recycle, with the widest spread asked for.
+    assert [a[:3] for a in pool.applied[1:]] == [("recycle", None, 6.0)]
+    assert lst._members[id(pool)].coalesced == 999
+    lst._run_pending(clock.now + 100)
+    assert len(pool.applied) == 2
+
+
+def test_coalescing_keeps_distinct_actions_and_merges_hosts(clock, make):
+    pool = FakePool("orders", 5.0)
+    lst = make(pool)
+    clock.advance(100)
+    lst._receive(message(clock, 1), live=True)
+    lst._receive(message(clock, 2, host="db-a:5432"), live=True)
+    lst._receive(message(clock, 3, action="rebalance"), live=True)
+    lst._receive(message(clock, 4, host="db-b:5432"), live=True)
+    lst._receive(message(clock, 5, spread=2), live=True)  # every host: covers db-a and db-b
+    lst._receive(message(clock, 6, host="db-c:5432"), live=True)  # covered as well
+    clock.advance(5)
+    lst._run_pending(clock.now)
+    assert [a[:3] for a in pool.applied[1:]] == [("rebalance", None, 0.0), ("recycle", None, 2.0)]
+
+
+def test_a_pool_that_fails_does_not_stop_the_others(clock, make):
+    class Broken(FakePool):
+        def _apply_command(self, command: Any, cutoff: float) -> None:
+            raise RuntimeError("boom")
+
+    broken, fine = Broken("a", 0.0), FakePool("b", 0.0)
+    lst = make(broken, fine)
+    clock.advance(10)
+    lst._receive(message(clock, 1), live=True)
+    assert len(fine.applied) == 1
+
+
+def test_rejections_are_logged_once_per_kind_per_minute(clock, make, caplog):
+    lst = make(FakePool("orders", 0.0))
+    caplog.set_level("WARNING", logger="sqla_rebalance.bus")
+    for _ in range(50):
+        lst._receive(b"garbage", live=True)
+    assert lst.rejected["malformed"] == 50
+    assert len(caplog.records) == 1
+    clock.advance(61)
+    lst._receive(b"garbage", live=True)
+    assert len(caplog.records) == 2
+    assert "49 more like it" in caplog.records[1].getMessage()

@@ -23,6 +23,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sqla-rebalance",
+        allow_abbrev=False,
         description="SQLAlchemy connection pools that behave well in front of database clusters.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -92,7 +93,13 @@ def _bus_options(p: argparse.ArgumentParser) -> None:
 
 def _bus_commands(sub: Any) -> None:
     for action in ACTIONS:
-        p = sub.add_parser(action, help=_ACTION_HELP[action], description=_ACTION_HELP[action])
+        # No abbreviations: "--secret S" must be an error, not "--secret-env S".
+        p = sub.add_parser(
+            action,
+            help=_ACTION_HELP[action],
+            description=_ACTION_HELP[action],
+            allow_abbrev=False,
+        )
         _bus_options(p)
         p.add_argument("--pool", default="*", help="pool name or glob (default: every pool, '*')")
         if action != "drain":
@@ -130,6 +137,7 @@ def _bus_commands(sub: Any) -> None:
         )
     status = sub.add_parser(
         "status",
+        allow_abbrev=False,
         help="every live process on the bus: pools, hosts, connections, generation applied",
         description="Show every live process listening on the bus (from their heartbeats): "
         "its pools with connection counts per host, churn and the command generation applied.",

@@ -2,8 +2,8 @@
 
 Reads one JSON object from argv[1]: ``db`` (SQLAlchemy URL), ``bus``, ``pool``
 (pool name), ``secret`` (or null), ``pool_size``, ``interval``
-(``min_recycle_interval``), optional ``backoff`` (the listener's maximum
-reconnect backoff, seconds) and ``load`` (threads running transactions).
+(``min_recycle_interval``), optional ``fixed_backoff`` (seconds the listener
+waits before each reconnect) and ``load`` (threads running transactions).
 
 Prints one JSON line per event on stdout: ``ready`` (with ``process``),
 ``recycle`` (a ``recycle_requested`` signal: ``reason``, ``spread``,
@@ -17,6 +17,7 @@ import json
 import sys
 import threading
 import time
+import types
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -35,9 +36,12 @@ def emit(event: str, **data: Any) -> None:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    if cfg.get("backoff"):
-        bus_listener._BACKOFF_MAX = float(cfg["backoff"])
-        bus_listener._BACKOFF_MIN = min(bus_listener._BACKOFF_MIN, float(cfg["backoff"]))
+    if cfg.get("fixed_backoff"):
+        # Reconnect exactly this long after a failure (no jitter), so that a test can send a
+        # command while every listener is certainly disconnected.
+        pause = float(cfg["fixed_backoff"])
+        bus_listener._BACKOFF_MIN = bus_listener._BACKOFF_MAX = pause
+        bus_listener.random = types.SimpleNamespace(uniform=lambda a, b: b)  # type: ignore[assignment]
     engine = create_engine(
         cfg["db"],
         poolclass=RebalancingQueuePool,

@@ -69,12 +69,16 @@ def test_each_generation_is_applied_once(clock, make):
     lst = make(pool)
     clock.advance(10)
     first = message(clock, 100)
-    lst._receive(first, live=True)
-    lst._receive(first, live=False)  # the same command read again from the log
+    lst._receive(first, live=False)  # read from the log at a reconnect...
+    lst._receive(first, live=True)  # ...and delivered live as well
     assert len(pool.applied) == 1
     assert lst.duplicates == 1
     assert sum(lst.rejected.values()) == 0
     assert lst.applied == 100
+    # Delivered live a second time: somebody re-published it.
+    lst._receive(first, live=True)
+    assert lst.rejected["replayed"] == 1
+    assert len(pool.applied) == 1
 
 
 def test_an_old_generation_never_seen_is_a_replay(clock, make):

@@ -339,3 +339,45 @@ def test_a_forked_child_listens_on_its_own(make, bus, tmp_path):
     # The parent's own connections were the parent's to recycle, and still work.
     with engine.connect() as conn:
         assert conn.execute(text("select 1")).scalar() == 1
+
+
+def test_an_async_engine_obeys_commands(tmp_path, bus):
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sqla_rebalance import AsyncRebalancingQueuePool
+
+    async def main() -> None:
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{tmp_path}/async.db",
+            poolclass=AsyncRebalancingQueuePool,
+            pool_size=3,
+            min_size=3,
+            broadcast=bus,
+            broadcast_secret=SECRET,
+            min_recycle_interval=0,
+        )
+        pool = engine.pool
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("select 1"))
+
+            async def until(predicate, timeout=10.0):
+                deadline = asyncio.get_running_loop().time() + timeout
+                while not predicate():
+                    assert asyncio.get_running_loop().time() < deadline, predicate
+                    await asyncio.sleep(0.01)
+
+            await until(lambda: pool.stats().idle == 3 and pool.listener.connected)
+            await asyncio.to_thread(send, bus, "recycle")
+            await until(lambda: pool.stats().retirements["signal"] == 3)
+            await until(lambda: pool.stats().idle == 3)
+            await asyncio.to_thread(send, bus, "drain")
+            await until(lambda: pool.stats().open == 0)
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("select 2"))).scalar() == 2
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -155,11 +155,11 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._wake = threading.Event()
-        #: Highest generation processed, and the recent ones (to tell a
-        #: duplicate read from a replay).
+        #: Highest generation processed, and the recent ones with how they
+        #: arrived (True: live), to tell a duplicate read from a replay.
         self.applied = 0
         self._recent: deque[int] = deque(maxlen=_RECENT)
-        self._recent_set: set[int] = set()
+        self._recent_live: dict[int, bool] = {}
         self.accepted = 0
         self.rejected: dict[str, int] = dict.fromkeys(REJECTION_KINDS, 0)
         self.duplicates = 0
@@ -327,12 +327,18 @@ class Listener:
             return
         gen = command.gen
         if gen <= self.applied:
-            if gen in self._recent_set:
+            seen_live = self._recent_live.get(gen)
+            if seen_live is False and live:
+                # Read from the log at a reconnect, then delivered live too:
+                # the normal overlap of the two paths, not an attack.
+                self._recent_live[gen] = True
                 self.duplicates += 1
             else:
+                # Pub/sub delivers a message once: the same generation again
+                # (or an older one) is somebody re-publishing it.
                 self._reject(REPLAYED, f"generation {gen} <= {self.applied}")
             return
-        self._processed(gen)
+        self._processed(gen, live)
         if not live and command.issued_at < self.created_at - ATTACH_GRACE:
             return  # from before this listener existed: not ours to apply
         if not live and received - command.issued_at > CATCH_UP_MAX_AGE:
@@ -348,12 +354,12 @@ class Listener:
                 self._dispatch(pool, member, command, cutoff, received)
         self._heartbeat_due = min(self._heartbeat_due, received + 0.2)
 
-    def _processed(self, gen: int) -> None:
+    def _processed(self, gen: int, live: bool) -> None:
         self.applied = gen
         if len(self._recent) == self._recent.maxlen:
-            self._recent_set.discard(self._recent[0])
+            self._recent_live.pop(self._recent[0], None)
         self._recent.append(gen)
-        self._recent_set.add(gen)
+        self._recent_live[gen] = live
 
     def _dispatch(
         self,

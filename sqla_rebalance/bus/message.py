@@ -249,7 +249,8 @@ def decode(
     if max_age is not None:
         age = (time.time() if now is None else now) - issued_at
         if abs(age) > max_age:
-            raise Rejected(STALE, f"issued {age:+.0f}s from now (window {max_age:g}s)")
+            when = f"{age:.0f}s ago" if age > 0 else f"{-age:.0f}s in the future"
+            raise Rejected(STALE, f"issued {when} (window {max_age:g}s)")
     return Command(
         action=action,
         gen=gen,

@@ -1,0 +1,168 @@
+"""Cluster-wide commands over PostgreSQL LISTEN/NOTIFY: several OS processes, the listener's
+backend killed with pg_terminate_backend, and raw bad notifications sent with psql."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine
+
+from sqla_rebalance import RebalancingQueuePool, signals
+from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
+from sqla_rebalance.bus.postgres_bus import SCHEMA
+
+from .bus_proc import start_apps
+from .helpers import wait_for as poll
+from .servers import find_pg_bindir
+from .test_bus_redis import raw_messages
+
+SECRET = "pg-bus-test-secret"
+_channels = itertools.count()
+
+
+@pytest.fixture
+def bus_server(pg_cluster):
+    return pg_cluster.servers[3]
+
+
+@pytest.fixture
+def bus(bus_server):
+    """A PostgreSQL bus (libpq URL) on a channel of its own."""
+    return f"{bus_server.url(driver=None)}?channel=t{os.getpid()}_{next(_channels)}"
+
+
+@pytest.fixture
+def apps():
+    started = []
+    yield started
+    for app in started:
+        app.kill()
+
+
+def listener_backends(server) -> list[int]:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'sqla-rebalance-listener'"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_a_command_reaches_every_process(bus, pg_url, apps):
+    apps += start_apps(3, db=pg_url, bus=bus, pool="orders", secret=SECRET, pool_size=2)
+    sent = send_command(bus, "recycle", pool="orders", spread=0.2, secret=SECRET)
+    result = wait_for(bus, sent.generation, pool="orders", timeout=20)
+    assert result.complete
+    assert sorted(p.process for p in result.applied) == sorted(a.process for a in apps)
+    for app in apps:
+        assert app.wait_event("recycle")["reason"] == "signal"
+        poll(lambda app=app: app.stats()["retirements"]["signal"] == 2)
+    assert {p.process for p in fleet_status(bus)} == {a.process for a in apps}
+
+
+def test_killed_listener_backends_recover_and_catch_up(bus, bus_server, tmp_path, apps):
+    apps += start_apps(
+        2, db=f"sqlite:///{tmp_path}/app.db", bus=bus, pool="p", secret=SECRET, fixed_backoff=2.0
+    )
+    poll(lambda: len(listener_backends(bus_server)) >= 2)
+    with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'sqla-rebalance-listener'"
+        )
+    poll(lambda: not listener_backends(bus_server))
+    # Nobody is LISTENing now: the NOTIFY reaches no one; only the log keeps the command.
+    sent = send_command(bus, "recycle", secret=SECRET)
+    assert not listener_backends(bus_server)
+    for app in apps:
+        assert app.wait_event("recycle", timeout=30)["reason"] == "signal"
+        stats = app.stats()["bus"]
+        assert stats["generation_applied"] == sent.generation
+        assert stats["reconnects"] >= 1
+        assert stats["connected"]
+
+
+def test_bad_notifications_from_psql_are_rejected_and_counted(bus, bus_server, tmp_path):
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=2,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    pool = engine.pool
+    recycles: list[str] = []
+
+    def on_recycle(sender, **kw):
+        recycles.append(kw["reason"])
+
+    signals.recycle_requested.connect(on_recycle, pool)
+    try:
+        poll(lambda: pool.listener is not None and pool.listener.connected)
+        first = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == first.generation)
+        channel = open_bus(bus).channel
+        messages = raw_messages("*", SECRET.encode())
+        with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT message FROM sqla_rebalance_commands WHERE channel = %s", (channel,)
+            ).fetchone()
+        assert row is not None
+        messages["replayed"] = row[0].encode()
+        psql = find_pg_bindir() / "psql"
+        for payload in messages.values():
+            variables = ["-v", f"chan={channel}", "-v", f"payload={payload.decode()}"]
+            subprocess.run(
+                [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", bus_server.dsn(), *variables],
+                input="SELECT pg_notify(:'chan', :'payload');\n",
+                text=True,
+                check=True,
+                capture_output=True,
+                timeout=20,
+            )
+        poll(lambda: pool.stats().bus.messages_rejected == len(messages))
+        last = send_command(bus, "rebalance", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == last.generation)
+        stats = pool.stats()
+        assert stats.bus.rejected == dict.fromkeys(messages, 1)
+        assert stats.bus.messages_accepted == 2
+        assert recycles == ["signal"]
+    finally:
+        signals.recycle_requested.disconnect(on_recycle)
+        engine.dispose()
+
+
+def test_a_read_only_listener_works_with_tables_made_by_an_administrator(bus_server, tmp_path):
+    channel = f"ro{os.getpid()}_{next(_channels)}"
+    with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("DROP ROLE IF EXISTS bus_reader")
+        conn.execute("CREATE ROLE bus_reader LOGIN PASSWORD 'r'")
+        conn.execute("GRANT SELECT ON sqla_rebalance_commands TO bus_reader")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    reader = bus_server.url(driver=None, user="bus_reader", password="r")
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=1,
+        broadcast=f"{reader}?channel={channel}",
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.listener is not None and pool.listener.connected)
+        sent = send_command(
+            f"{bus_server.url(driver=None)}?channel={channel}", "recycle", secret=SECRET
+        )
+        poll(lambda: pool.stats().bus.generation_applied == sent.generation)
+        assert pool.stats().bus.connected
+    finally:
+        engine.dispose()
+        with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+            conn.execute("REVOKE ALL ON sqla_rebalance_commands FROM bus_reader")
+            conn.execute("DROP ROLE bus_reader")

@@ -1,0 +1,352 @@
+"""Cluster-wide commands over a real Redis: several OS processes, a Redis restart, raw bad
+messages from redis-cli, a flood, and transactions running through recycles on PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from sqla_rebalance import RebalancingQueuePool, signals
+from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
+from sqla_rebalance.bus.message import encode, new_command
+
+from .bus_proc import ROOT, start_apps
+from .helpers import wait_for as poll
+from .servers import find_free_port, find_program
+
+SECRET = "redis-bus-test-secret"
+_channels = itertools.count()
+
+
+@pytest.fixture
+def bus(redis_server):
+    """A Redis bus URL on a channel of its own (tests do not see each other's commands)."""
+    return f"{redis_server.url()}?channel=t{os.getpid()}_{next(_channels)}"
+
+
+@pytest.fixture
+def apps():
+    started = []
+    yield started
+    for app in started:
+        app.kill()
+
+
+def test_a_command_reaches_every_process(bus, pg_url, apps):
+    apps += start_apps(4, db=pg_url, bus=bus, pool="orders", secret=SECRET, pool_size=2)
+    # Sent with the real CLI, secret from the environment, waiting for every process.
+    env = dict(os.environ, SQLA_REBALANCE_SECRET=SECRET, PYTHONPATH=str(ROOT))
+    cli = [sys.executable, "-m", "sqla_rebalance", "recycle", "--bus", bus, "--pool", "orders"]
+    done = subprocess.run(
+        [*cli, "--spread", "0.5", "--wait", "20", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert sorted(out["applied"]) == sorted(app.process for app in apps)
+    assert out["pending"] == []
+    assert out["receivers"] == 4
+    for app in apps:
+        event = app.wait_event("recycle")
+        assert (event["reason"], event["spread"]) == ("signal", 0.5)
+    for app in apps:
+        poll(lambda app=app: app.stats()["retirements"]["signal"] == 2)
+    status = {p.process: p for p in fleet_status(bus)}
+    assert set(status) == {app.process for app in apps}
+    for proc in status.values():
+        (pool,) = proc.pools
+        assert pool["pool"] == "orders"
+        assert pool["commands_applied"] == 1
+        assert sum(h["open"] for h in pool["hosts"].values()) == 2
+
+
+def test_a_command_sent_while_redis_restarts_is_applied_after_reconnect(
+    redis_server, bus, tmp_path, apps
+):
+    db = f"sqlite:///{tmp_path}/app.db"
+    apps += start_apps(2, db=db, bus=bus, pool="p", secret=SECRET, fixed_backoff=2.0, load=2)
+    for _attempt in range(3):
+        redis_server.stop()
+        for app in apps:
+            poll(lambda app=app: not app.stats()["bus"]["connected"], timeout=30)
+        redis_server.start()
+        # Redis kept nothing (no persistence): the log and the generation counter are gone.
+        sent = send_command(bus, "recycle", secret=SECRET)
+        if sent.receivers == 0:
+            break  # nobody was subscribed: only the durable log can tell them
+    else:
+        pytest.fail("a listener was always subscribed when the command was sent")
+    for app in apps:
+        event = app.wait_event("recycle", timeout=30)
+        assert event["reason"] == "signal"
+        stats = app.stats()["bus"]
+        assert stats["generation_applied"] == sent.generation
+        assert stats["reconnects"] >= 1
+    for app in apps:  # the load ran all along: Redis going away broke no transaction
+        bye = app.quit()
+        assert bye["errors"] == []
+        assert bye["commits"] > 0
+
+
+def raw_messages(pool: str, secret: bytes) -> dict[str, bytes]:
+    """One message of every kind a listener must refuse (``secret``: the pool's own)."""
+    now = time.time()
+
+    def cmd(**kw):
+        base = new_command("recycle", pool=pool)
+        return dataclasses.replace(base, gen=int(now * 1000) + 10**9, **kw)
+
+    good = json.loads(encode(cmd(), secret))
+    unsigned = {k: v for k, v in good.items() if k != "mac"}
+    tampered = {**good, "spread": 99.0}
+    return {
+        "malformed": b"this is not json",
+        "oversized": json.dumps({**good, "nonce": "x" * 2000}).encode(),
+        "version": json.dumps({**good, "v": 99}).encode(),
+        "unsigned": json.dumps(unsigned).encode(),
+        "bad_signature": json.dumps(tampered).encode(),
+        "stale": encode(cmd(issued_at=now - 3600), secret),
+        "unknown_action": encode(cmd(action="shutdown"), secret),
+    }
+
+
+def test_bad_messages_from_redis_cli_are_rejected_and_counted(redis_server, bus, tmp_path):
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=2,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    pool = engine.pool
+    recycles: list[str] = []
+
+    def on_recycle(sender, **kw):
+        recycles.append(kw["reason"])
+
+    signals.recycle_requested.connect(on_recycle, pool)
+    try:
+        poll(lambda: pool.listener is not None and pool.listener.connected)
+        first = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == first.generation)
+        channel = f"{open_bus(bus).channel}:commands"
+        cli = find_program("redis-cli", "redis-server")
+        messages = raw_messages("*", SECRET.encode())
+        # A replay: the exact bytes of the command already applied, published again.
+        messages["replayed"] = redis.Redis.from_url(bus.split("?")[0]).zrange(
+            f"{open_bus(bus).channel}:log", 0, 0
+        )[0]
+        publish = ["-x", "PUBLISH", channel]
+        for payload in messages.values():
+            subprocess.run(
+                [str(cli), "-h", redis_server.host, "-p", str(redis_server.port), *publish],
+                input=payload,
+                check=True,
+                capture_output=True,
+                timeout=10,
+            )
+        poll(lambda: pool.stats().bus.messages_rejected == len(messages))
+        last = send_command(bus, "rebalance", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == last.generation)
+        stats = pool.stats()
+        assert stats.bus.rejected == dict.fromkeys(messages, 1)
+        assert stats.bus.messages_accepted == 2
+        assert recycles == ["signal"]  # the first command only
+        assert stats.retirements["signal"] == 2
+    finally:
+        engine.dispose()
+
+
+def test_a_flood_of_commands_recycles_at_most_once_per_interval(bus, tmp_path):
+    interval = 1.0
+    engines = [
+        create_engine(
+            f"sqlite:///{tmp_path}/app{i}.db",
+            poolclass=RebalancingQueuePool,
+            min_size=2,
+            pool_name=f"pool{i}",
+            broadcast=bus,
+            broadcast_secret=SECRET,
+            min_recycle_interval=interval,
+        )
+        for i in range(2)
+    ]
+    applied: dict[str, list[float]] = {e.pool.pool_name: [] for e in engines}
+
+    def on_recycle(sender, **kw):
+        applied[sender.pool_name].append(time.monotonic())
+
+    signals.recycle_requested.connect(on_recycle)
+    try:
+        for engine in engines:
+            poll(lambda e=engine: e.pool.listener is not None and e.pool.listener.connected)
+        start = time.monotonic()
+        last = None
+        for _ in range(10_000):
+            last = send_command(bus, "recycle", secret=SECRET)
+        flood = time.monotonic() - start
+        assert last is not None
+        for engine in engines:
+            poll(lambda e=engine: e.pool.stats().bus.commands_pending == 0, timeout=30)
+            poll(lambda e=engine: e.pool.stats().bus.generation_applied == last.generation)
+        elapsed = time.monotonic() - start
+        for engine in engines:
+            times = applied[engine.pool.pool_name]
+            assert 1 <= len(times) <= elapsed / interval + 1, (len(times), flood)
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert all(gap >= interval * 0.9 for gap in gaps), gaps
+            stats = engine.pool.stats().bus
+            assert stats.messages_accepted == 10_000
+            assert stats.commands_applied + stats.commands_coalesced >= 9_990
+    finally:
+        signals.recycle_requested.disconnect(on_recycle)
+        for engine in engines:
+            engine.dispose()
+
+
+def test_transactions_in_flight_all_commit_through_recycles(bus, pg_url):
+    engine = create_engine(
+        pg_url,
+        poolclass=RebalancingQueuePool,
+        pool_size=6,
+        max_overflow=0,
+        min_size=6,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    table = f"bus_tx_{os.getpid()}_{next(_channels)}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (id int PRIMARY KEY, pid int)"))
+    ids = itertools.count()
+    errors: list[str] = []
+    done = threading.Event()
+
+    def work() -> None:
+        while True:
+            n = next(ids)
+            if n >= 1000:
+                return
+            try:
+                with engine.begin() as conn:
+                    pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+                    conn.execute(
+                        text(f"INSERT INTO {table} VALUES (:n, :pid)"), {"n": n, "pid": pid}
+                    )
+                    conn.execute(text("SELECT pg_sleep(0.002)"))
+            except Exception as err:
+                errors.append(repr(err))
+
+    try:
+        poll(lambda: engine.pool.listener is not None and engine.pool.listener.connected)
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+
+        def sender() -> None:
+            while not done.is_set():
+                send_command(bus, "recycle", secret=SECRET, spread=0.05)
+                done.wait(0.05)
+
+        s = threading.Thread(target=sender)
+        s.start()
+        for t in threads:
+            t.join()
+        done.set()
+        s.join()
+        assert errors == []
+        with engine.connect() as conn:
+            rows = conn.execute(text(f"SELECT count(*), count(DISTINCT pid) FROM {table}")).one()
+        assert rows[0] == 1000
+        # The recycles really happened: many server sessions served the 1,000 transactions.
+        assert rows[1] > 6
+        assert engine.pool.stats().retirements["signal"] > 0
+        assert engine.pool.stats().bus.commands_applied > 5
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+        engine.dispose()
+
+
+def redis_clients(redis_server) -> int:
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        return sum(1 for c in r.client_list() if c.get("name") == "sqla-rebalance")
+    finally:
+        r.close()
+
+
+def test_engine_cycles_leave_no_listener_and_no_redis_client(redis_server, bus, tmp_path):
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("sqla-rebalance-bus")]
+
+    poll(lambda: not threads())
+    poll(lambda: redis_clients(redis_server) == 0)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(1000):
+        engine = create_engine(
+            f"sqlite:///{tmp_path}/app.db",
+            poolclass=RebalancingQueuePool,
+            broadcast=bus,
+            broadcast_secret=SECRET,
+        )
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    poll(lambda: not threads(), timeout=15)
+    poll(lambda: redis_clients(redis_server) == 0)
+    poll(lambda: len(os.listdir("/proc/self/fd")) <= fds)
+
+
+def test_status_and_wait_report_a_process_that_cannot_apply(bus, tmp_path, apps):
+    (app,) = start_apps(1, db=f"sqlite:///{tmp_path}/app.db", bus=bus, pool="p", secret=SECRET)
+    apps.append(app)
+    poll(lambda: [p.process for p in fleet_status(bus)] == [app.process])
+    os.kill(app.proc.pid, 19)  # SIGSTOP: alive, heartbeat still valid, applying nothing
+    try:
+        sent = send_command(bus, "recycle", secret=SECRET)
+        result = wait_for(bus, sent.generation, timeout=1.0)
+        assert not result.complete
+        assert [p.process for p in result.pending] == [app.process]
+    finally:
+        os.kill(app.proc.pid, 18)  # SIGCONT
+    result = wait_for(bus, sent.generation, timeout=20)
+    assert result.complete
+    assert [p.process for p in result.applied] == [app.process]
+
+
+def test_checkouts_never_wait_for_a_dead_redis(tmp_path):
+    # A port nothing listens on: every connect to the bus is refused, for ever.
+    port = find_free_port(["127.0.0.1"])
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=f"redis://127.0.0.1:{port}/0",
+        broadcast_secret=SECRET,
+    )
+    try:
+        poll(lambda: engine.pool.stats().bus.last_error)
+        start = time.monotonic()
+        for _ in range(200):
+            with engine.connect() as conn:
+                assert conn.execute(text("select 1")).scalar() == 1
+        assert time.monotonic() - start < 5  # no checkout waited on the bus
+        assert not engine.pool.stats().bus.connected
+        assert "refused" in (engine.pool.stats().bus.last_error or "").lower()
+    finally:
+        engine.dispose()

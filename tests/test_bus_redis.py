@@ -350,3 +350,32 @@ def test_checkouts_never_wait_for_a_dead_redis(tmp_path):
         assert "refused" in (engine.pool.stats().bus.last_error or "").lower()
     finally:
         engine.dispose()
+
+
+def test_garbage_in_the_log_is_read_past_once(redis_server, bus, tmp_path):
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=1,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.listener is not None and pool.listener.connected)
+        channel = open_bus(bus).channel
+        r = redis.Redis(host=redis_server.host, port=redis_server.port)
+        # Somebody with write access to Redis puts junk into the log, then the listener
+        # reconnects (client kill) and reads the log: it must read past the junk, once.
+        r.zadd(f"{channel}:log", {b"junk": int(time.time() * 1000) + 5})
+        r.client_kill_filter(_type="pubsub")
+        poll(lambda: pool.stats().bus.rejected.get("malformed") == 1)
+        sent = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == sent.generation)
+        r.client_kill_filter(_type="pubsub")  # another reconnect: the junk is not read again
+        poll(lambda: pool.stats().bus.reconnects >= 2 and pool.stats().bus.connected)
+        assert pool.stats().bus.rejected == {"malformed": 1}
+        r.close()
+    finally:
+        engine.dispose()

@@ -99,8 +99,12 @@ class Subscription(ABC):
         """The current generation of the durable log (0 if nothing was ever sent)."""
 
     @abstractmethod
-    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[bytes]:
-        """Logged messages with a generation above ``gen``, oldest first."""
+    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
+        """Logged ``(generation, message)`` pairs above ``gen``, oldest first.
+
+        The generation is the log's own (a sorted-set score, a column), so a
+        reader can move past an entry it cannot parse.
+        """
 
     @abstractmethod
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:

@@ -158,6 +158,9 @@ class Listener:
         #: Highest generation processed, and the recent ones with how they
         #: arrived (True: live), to tell a duplicate read from a replay.
         self.applied = 0
+        #: Where the next catch-up read of the log starts: past everything
+        #: read there, including entries that were rejected.
+        self._log_cursor = 0
         self._recent: deque[int] = deque(maxlen=_RECENT)
         self._recent_live: dict[int, bool] = {}
         self.accepted = 0
@@ -293,7 +296,7 @@ class Listener:
                 self._catch_up(sub)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + _jitter(POLL_INTERVAL)
-                if sub.generation() > self.applied:
+                if sub.generation() > max(self.applied, self._log_cursor):
                     self._catch_up(sub)
             now = time.time()
             self._run_pending(now)
@@ -312,9 +315,10 @@ class Listener:
     def _catch_up(self, sub: Subscription) -> None:
         """Apply what the log holds beyond the last generation processed."""
         while True:
-            batch = sub.since(self.applied)
-            for raw in batch:
+            batch = sub.since(max(self.applied, self._log_cursor))
+            for gen, raw in batch:
                 self._receive(raw, live=False)
+                self._log_cursor = max(self._log_cursor, gen)
             if len(batch) < 100:
                 return
 

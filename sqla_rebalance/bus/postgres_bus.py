@@ -190,10 +190,10 @@ class _PostgresSubscription(Subscription):
         except psycopg.Error as err:
             raise self._fail(err) from err
 
-    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[bytes]:
+    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
         try:
             rows = self._conn.execute(
-                "SELECT message FROM sqla_rebalance_commands"
+                "SELECT gen, message FROM sqla_rebalance_commands"
                 " WHERE channel = %s AND gen > %s ORDER BY gen LIMIT %s",
                 (self._bus.channel, gen, limit),
             ).fetchall()
@@ -201,7 +201,7 @@ class _PostgresSubscription(Subscription):
             return []
         except psycopg.Error as err:
             raise self._fail(err) from err
-        return [str(r[0]).encode("utf-8", "surrogateescape") for r in rows]
+        return [(int(r[0]), str(r[1]).encode("utf-8", "surrogateescape")) for r in rows]
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         if not self._can_heartbeat:

@@ -142,12 +142,17 @@ class _RedisSubscription(Subscription):
         except redis.RedisError as err:
             raise self._fail(err) from err
 
-    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[bytes]:
+    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
         try:
-            rows = self._client.zrangebyscore(self._log_key, f"({gen}", "+inf", start=0, num=limit)
+            rows = self._client.zrangebyscore(
+                self._log_key, f"({gen}", "+inf", start=0, num=limit, withscores=True
+            )
         except redis.RedisError as err:
             raise self._fail(err) from err
-        return [r if isinstance(r, bytes) else str(r).encode() for r in cast("list[Any]", rows)]
+        return [
+            (int(score), member if isinstance(member, bytes) else str(member).encode())
+            for member, score in cast("list[Any]", rows)
+        ]
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         try:

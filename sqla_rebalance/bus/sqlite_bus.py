@@ -170,16 +170,16 @@ class _SQLiteSubscription(Subscription):
         except sqlite3.Error as err:
             raise self._fail(err) from err
 
-    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[bytes]:
+    def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
         try:
             rows = self._conn.execute(
-                "SELECT message FROM sqla_rebalance_commands"
+                "SELECT gen, message FROM sqla_rebalance_commands"
                 " WHERE channel = ? AND gen > ? ORDER BY gen LIMIT ?",
                 (self._bus.channel, gen, limit),
             ).fetchall()
         except sqlite3.Error as err:
             raise self._fail(err) from err
-        return [str(r[0]).encode() for r in rows]
+        return [(int(r[0]), str(r[1]).encode()) for r in rows]
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         now = time.time()

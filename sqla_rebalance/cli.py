@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run a small workload and watch the pool rotate connections over hosts",
         description="Run a multi-threaded workload through a RebalancingQueuePool spread over "
         "several hosts and print every connection it opens and retires. Over the run a 4th "
-        "host is added (25%), one host goes down (50%) and comes back (75%). The hosts are "
+        "host is added (25%), one host goes down (50%) and comes back (75%); then a "
+        "cluster-wide recycle is sent by this CLI, from another process, over an embedded bus "
+        "(a SQLite file). The hosts are "
         "SQLite files in temporary directories (default, no server needed), or with --postgres "
         "four local PostgreSQL servers started from the repository's tests/servers.py. "
         "--url runs the single-database demo (no hosts) on that database.",

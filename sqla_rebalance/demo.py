@@ -9,7 +9,13 @@ pool opens and retires (with its host and the reason), a per-host line every
 - 25 %: a fourth host is added with ``pool.set_hosts()``; only the excess moves
   (the demo compares the moves with the minimum an even spread needs);
 - 50 %: one host goes down; the pool marks it down and moves its connections;
-- 75 %: it comes back; the pool marks it up and fails back onto it.
+- 75 %: it comes back; the pool marks it up and fails back onto it;
+- then, for 3 s more: a **cluster-wide recycle**, sent from another process
+  with the real CLI (``sqla-rebalance recycle --bus sqlite:///... --spread 1
+  --wait``) over the embedded bus (a SQLite file: no server), signed with a
+  secret the demo made up; the pool replaces every connection over 1 s (in-use
+  ones at checkin), and ``sqla-rebalance status`` shows the fleet (this one
+  process).
 
 It ends with a summary: transactions, errors (any error fails the demo),
 connects paid inside a checkout, retirements by reason and per phase, and
@@ -38,8 +44,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import os
 import random
+import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -534,6 +543,10 @@ def _run_hosts(
         f"h{_ADDED + 1}; "
         f"{duration * 0.5:.0f}s h{_DOWNED + 1} goes down; {duration * 0.75:.0f}s it comes back"
     )
+    # The embedded bus: a SQLite file any process on this machine can publish to.
+    bus_dir = tempfile.mkdtemp(prefix="sqla-rebalance-demo-bus-")
+    bus_url = f"sqlite:///{bus_dir}/bus.db"
+    secret = os.urandom(16).hex()
     engine = create_engine(
         backend.url,
         poolclass=RebalancingQueuePool,
@@ -547,6 +560,9 @@ def _run_hosts(
         health_check_interval=1.0,
         unhealthy_threshold=2,
         rebalance_spread=1.0,
+        broadcast=bus_url,
+        broadcast_secret=secret,
+        min_recycle_interval=1.0,
         **backend.engine_kw,
     )
     pool = engine.pool
@@ -569,6 +585,7 @@ def _run_hosts(
         )
 
     failback: dict[str, int] = {}
+    cluster: dict[str, Any] = {}
 
     def on_opened(sender: Any, **kw: Any) -> None:
         book.opened(kw["host"])
@@ -662,6 +679,9 @@ def _run_hosts(
                 next_report += _REPORT_EVERY
                 out.say(f"hosts    {_host_line(pool, book)}  transactions={workload.transactions}")
             workload.stop_event.wait(0.05)
+        _summarise_phase(book, out, added, failback)
+        book.begin("cluster recycle")
+        _cluster_recycle(pool, out, book, bus_url, secret, cluster, workload)
         workload.stop()
         book.finish()
         _summarise_phase(book, out, added, failback)
@@ -671,8 +691,10 @@ def _run_hosts(
         for signal, receiver in receivers:
             signal.disconnect(receiver, sender=pool)
         engine.dispose()
+        shutil.rmtree(bus_dir, ignore_errors=True)
     stats = final.as_dict()
     summary = _summary(book, workload, added, failback, final, threads)
+    summary["cluster"] = cluster
     stats["demo"] = summary
     _print_summary(out, book, summary, stats, backend.mode)
     if workload.errors:
@@ -681,6 +703,67 @@ def _run_hosts(
             f"demo workload failed ({len(workload.errors)} errors): {first!r}"
         ) from first
     return stats
+
+
+def _cli(args: list[str], secret: str) -> subprocess.CompletedProcess[str]:
+    """Run ``sqla-rebalance ARGS`` as its own process, as an operator would."""
+    env = dict(os.environ, SQLA_REBALANCE_SECRET=secret)
+    return subprocess.run(
+        [sys.executable, "-m", "sqla_rebalance", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _cluster_recycle(
+    pool: RebalancingQueuePool,
+    out: _Out,
+    book: _Book,
+    bus_url: str,
+    secret: str,
+    cluster: dict[str, Any],
+    workload: _Workload,
+) -> None:
+    """The last phase: a recycle of every pool of the fleet, sent from another process."""
+    before = pool.stats()
+    args = ["recycle", "--bus", bus_url, "--pool", "demo", "--spread", "1", "--wait", "10"]
+    out.say(f"RECYCLE  from another process: sqla-rebalance {' '.join(args)}")
+    done = _cli(args, secret)
+    for line in (done.stdout + done.stderr).splitlines():
+        out.say(f"  cli    {line}")
+    # The spread (1 s), and in-use connections retire at their checkin.
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        if pool.stats().retirements["signal"] - before.retirements["signal"] >= before.open:
+            break
+        workload.stop_event.wait(0.05)
+    after = pool.stats()
+    status = _cli(["status", "--bus", bus_url], secret)
+    out.say("STATUS   sqla-rebalance status --bus ...")
+    for line in status.stdout.splitlines():
+        out.say(f"  cli    {line}")
+    cluster.update(
+        cli_exit=done.returncode,
+        status_exit=status.returncode,
+        open_before=before.open,
+        retired=after.retirements["signal"] - before.retirements["signal"],
+        waited=after.checkouts_waited - before.checkouts_waited,
+        applied=after.bus.commands_applied - before.bus.commands_applied,
+    )
+    others = (
+        f"; the other {before.open - cluster['retired']} open when it was sent reached their "
+        "lifetime first"
+        if cluster["retired"] < before.open
+        else ""
+    )
+    out.say(
+        f"phase    cluster recycle: applied by this process ({cluster['applied']} command); "
+        f"{cluster['retired']} connections replaced by it (reason=signal){others}; "
+        f"{cluster['waited']} connects inside a checkout"
+    )
 
 
 def _from(phase: _Phase, reason: str) -> dict[str, int]:
@@ -854,6 +937,13 @@ def _print_summary(
         f"rebalance moves: adding {added['host']} {added['moved']} (minimum {added['minimum']}), "
         + failback
     )
+    cluster = summary.get("cluster") or {}
+    if cluster:
+        lines.append(
+            f"cluster-wide recycle (CLI over the embedded bus): exit {cluster['cli_exit']}, "
+            f"{cluster['retired']} connections replaced by it, "
+            f"{cluster['waited']} connects inside a checkout"
+        )
     final = summary["final"]
     health = summary["final_health"]
     lines.append(

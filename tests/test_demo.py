@@ -69,6 +69,15 @@ def _check_timeline(stats, output: str) -> dict:
     assert up["opened"] > 0
     assert up["moved"] <= up["minimum"] + HOSTS
     assert summary["final_health"] == dict.fromkeys(["h1", "h2", "h3", "h4"], "up")
+    # The cluster-wide recycle, sent by the real CLI from another process over the embedded bus.
+    cluster = summary["cluster"]
+    assert cluster["cli_exit"] == 0
+    assert cluster["status_exit"] == 0
+    assert cluster["applied"] == 1
+    assert cluster["retired"] >= 1
+    assert "applied by 1 process(es)" in output
+    assert "pool demo: open" in output  # the status lines
+    assert _phase(summary, "cluster recycle")["retired"].get("signal", 0) == cluster["retired"]
     return summary
 
 

@@ -820,7 +820,14 @@ class RebalancingQueuePool(QueuePool):
         return count
 
     def refresh(self) -> None:
-        """Re-resolve DNS names, re-check every host now, then rebalance."""
+        """Re-read what the pool knows of its hosts, then rebalance.
+
+        Sends ``signals.refresh_requested`` first (a receiver may call
+        :meth:`set_hosts` with a host list it keeps elsewhere), then
+        re-resolves every DNS name and re-checks every host at once.
+        """
+        if signals.refresh_requested.receivers:
+            signals.refresh_requested.send(self)
         hostset = self._hostset
         if hostset is not None and hostset.seeded:
             for host in hostset.hosts():

@@ -14,6 +14,10 @@ short and never block in them.
 - ``hosts_changed``: the set of hosts changed. Keywords: ``added``, ``removed``.
 - ``recycle_requested``: ``pool.recycle()`` was called (locally or by a
   cluster-wide command). Keywords: ``host``, ``spread``, ``reason``.
+- ``refresh_requested``: ``pool.refresh()`` was called (locally or by a
+  cluster-wide ``refresh``), before DNS names are re-resolved. No keywords. A
+  receiver that keeps the host list elsewhere (a file, a config service) can
+  re-read it and call ``sender.set_hosts(...)`` here.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "hosts_changed",
     "namespace",
     "recycle_requested",
+    "refresh_requested",
 ]
 
 namespace = Namespace()
@@ -40,3 +45,6 @@ host_up = namespace.signal("host-up", doc="A host became healthy.")
 host_down = namespace.signal("host-down", doc="A host was marked down.")
 hosts_changed = namespace.signal("hosts-changed", doc="The set of hosts changed.")
 recycle_requested = namespace.signal("recycle-requested", doc="A recycle was requested.")
+refresh_requested = namespace.signal(
+    "refresh-requested", doc="A refresh was requested: re-read hosts and settings now."
+)

@@ -145,18 +145,24 @@ def test_drain_closes_everything_and_opens_nothing_until_needed(make, bus):
     poll(lambda: pool.stats().open == 3)
 
 
-def test_refresh_rebalances(make, tmp_path, bus):
+def test_refresh_rereads_the_host_list_and_rebalances(make, tmp_path, bus):
     files = [str(tmp_path / f"h{i}.db") for i in range(2)]
     engine = make(url=f"sqlite:///{files[0]}", hosts=files[:1], pool_size=4, min_size=4)
     pool = engine.pool
     poll(lambda: pool.stats().hosts[files[0]].open == 4)
-    # A host the pool cannot see appear: here, added behind its back.
-    pool._config = pool._config.__class__(**{**pool._config.__dict__, "hosts": files})
-    pool.hostset.replace(
-        __import__("sqla_rebalance.hosts", fromlist=["parse_hosts"]).parse_hosts(files, None, True)
-    )
-    send(bus, "refresh")
-    poll(lambda: {h.open for h in pool.stats().hosts.values()} == {2})
+    # The host list lives in a "config service" that the application re-reads on refresh.
+    config = {"hosts": files[:1]}
+
+    def reload_hosts(sender):
+        sender.set_hosts(config["hosts"])
+
+    signals.refresh_requested.connect(reload_hosts, pool)
+    try:
+        config["hosts"] = files
+        send(bus, "refresh")
+        poll(lambda: {h.open for h in pool.stats().hosts.values()} == {2})
+    finally:
+        signals.refresh_requested.disconnect(reload_hosts)
 
 
 def test_fleet_status_and_wait(make, bus):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,8 +157,9 @@ def send_command(
 
 @dataclass(frozen=True)
 class ProcessStatus:
-    """One live process on the bus, from its latest heartbeat."""
+    """One live process on the bus (one of its listeners), from its latest heartbeat."""
 
+    #: ``hostname:pid:token.n``: the process, and which of its listeners.
     process: str
     hostname: str
     pid: int
@@ -165,6 +168,10 @@ class ProcessStatus:
     age: float
     pools: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def is_this_process(self) -> bool:
+        """True for a listener of the calling process."""
+        return self.pid == os.getpid() and self.hostname == socket.gethostname()
 
     def has_pool(self, pattern: str) -> bool:
         probe = Command(action="recycle", pool=pattern)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -85,6 +86,8 @@ _STABLE = 5.0
 #: Rejections of one kind are logged once, then at most once per this.
 _LOG_EVERY = 60.0
 _RECENT = 4096
+#: Seconds after a (re)connect during which heartbeats come every second.
+_FAST_HEARTBEATS = 5.0
 
 
 def _jitter(value: float, low: float = 0.5, high: float = 1.5) -> float:
@@ -92,6 +95,7 @@ def _jitter(value: float, low: float = 0.5, high: float = 1.5) -> float:
 
 
 _process_token = os.urandom(4).hex()
+_listener_numbers = itertools.count(1)
 
 
 def process_id() -> str:
@@ -171,6 +175,12 @@ class Listener:
         self.last_error: str | None = None
         self.heartbeats = 0
         self._heartbeat_due = 0.0
+        #: Heartbeats come every second at first (the pools are still filling),
+        #: then every HEARTBEAT_INTERVAL.
+        self._fast_heartbeats_until = 0.0
+        #: This listener on the bus: the process, and which of its listeners
+        #: (one process may listen on one bus with two secrets).
+        self.ident = f"{process_id()}.{next(_listener_numbers)}"
         self._logged: dict[str, tuple[float, int]] = {}
 
     # -- membership (under _registry_lock) -------------------------------------
@@ -279,6 +289,7 @@ class Listener:
             log.info("bus %s: reconnected", self.bus)
         self._catch_up(sub)
         sub.reconnected = False
+        self._fast_heartbeats_until = time.time() + _FAST_HEARTBEATS
         self._heartbeat(sub)
         next_poll = time.monotonic() + _jitter(POLL_INTERVAL)
         while not self._should_exit():
@@ -418,9 +429,10 @@ class Listener:
     # -- reporting ---------------------------------------------------------------
     def _heartbeat(self, sub: Subscription) -> None:
         now = time.time()
-        self._heartbeat_due = now + HEARTBEAT_INTERVAL
+        fast = now < self._fast_heartbeats_until
+        self._heartbeat_due = now + (1.0 if fast else HEARTBEAT_INTERVAL)
         payload = json.dumps(self.status(now), separators=(",", ":")).encode()
-        sub.put_heartbeat(process_id(), payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR)
+        sub.put_heartbeat(self.ident, payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR)
         self.heartbeats += 1
 
     def status(self, now: float | None = None) -> dict[str, Any]:
@@ -465,7 +477,7 @@ class Listener:
             )
         return {
             "v": 1,
-            "process": process_id(),
+            "process": self.ident,
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self.created_at,
@@ -493,7 +505,7 @@ class Listener:
             commands_coalesced=mine.coalesced if mine else 0,
             commands_pending=len(mine.pending.commands) if mine and mine.pending else 0,
             last_error=self.last_error,
-            process=process_id(),
+            process=self.ident,
         )
 
 

@@ -104,11 +104,10 @@ def _bus_commands(sub: Any) -> None:
         )
         _bus_options(p)
         p.add_argument("--pool", default="*", help="pool name or glob (default: every pool, '*')")
-        if action != "drain":
+        if action == "recycle":
             p.add_argument(
                 "--host", help="only the connections to this host (address:port or name)"
             )
-        if action == "recycle":
             p.add_argument(
                 "--spread",
                 type=float,
@@ -203,10 +202,16 @@ def _send(args: argparse.Namespace) -> int:
             return 3
         out["applied"] = [p.process for p in result.applied]
         out["pending"] = [p.process for p in result.pending]
+        out["lost"] = [p.process for p in result.lost]
         if not args.json:
-            print(f"applied by {len(result.applied)} process(es)")
+            if not result.applied and not result.pending:
+                print(f"no live process has a pool matching {args.pool!r} on this bus")
+            else:
+                print(f"applied by {len(result.applied)} process(es)")
             for p in result.pending:
                 print(f"NOT applied by {p.process} (at generation {p.generation})")
+            for p in result.lost:
+                print(f"gone before applying it: {p.process} (its heartbeat expired)")
         status = 0 if result.complete else 1
     if args.json:
         print(json.dumps(out, indent=2))

@@ -352,6 +352,13 @@ class HostSet:
         with self._lock:
             return self._rebuild(now)
 
+    def expire_dns(self) -> None:
+        """Make every name due now: the next refresh (by the worker) re-resolves them all."""
+        now = self._now()
+        with self._lock:
+            for entry in self._names:
+                entry.next_refresh = min(entry.next_refresh, now)
+
     def _dns_failed(self, entry: _Name, err: Exception, now: float) -> None:
         with self._lock:
             self.dns_failures += 1

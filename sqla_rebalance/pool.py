@@ -832,7 +832,9 @@ class RebalancingQueuePool(QueuePool):
         if hostset is not None and hostset.seeded:
             for host in hostset.hosts():
                 host.next_check = 0.0
-            self._apply_changes(hostset.refresh_dns(force=True))
+            # Resolved by the worker, never in the caller's thread (which may be
+            # an event loop, or the bus listener).
+            hostset.expire_dns()
         self._rebalance_requested = True
         self._ensure_registered()
         self._request_pass()

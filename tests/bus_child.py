@@ -79,7 +79,12 @@ def main() -> None:
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while pool.listener is None or not pool.listener.connected:
+    # Ready: listening, and min_size connections open (a recycle then has them all to do).
+    while (
+        pool.listener is None
+        or not pool.listener.connected
+        or pool.stats().open < cfg.get("pool_size", 4)
+    ):
         if time.monotonic() > deadline:
             emit("error", message="listener never connected")
             return

@@ -79,9 +79,10 @@ def test_unsigned_commands_are_rejected_by_pools_with_a_secret(engine, bus, caps
     assert engine.pool.stats().retirements["signal"] == 0
 
 
-def test_drain_has_no_host_option(bus, capsys):
+@pytest.mark.parametrize("action", ["drain", "rebalance", "refresh"])
+def test_only_recycle_has_a_host_option(bus, action):
     with pytest.raises(SystemExit):
-        main(["drain", "--bus", bus, "--host", "db-a"])
+        main([action, "--bus", bus, "--host", "db-a"])
 
 
 def test_bad_arguments_and_unreachable_bus(tmp_path, monkeypatch, capsys):

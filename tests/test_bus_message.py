@@ -141,6 +141,16 @@ def test_drain_takes_no_host():
         new_command("drain", host="db-a")
 
 
+@pytest.mark.parametrize("action", ["rebalance", "refresh"])
+def test_only_recycle_takes_a_host(action):
+    obj = json.loads(signed())
+    obj["action"] = action
+    obj["host"] = "db-a:5432"
+    assert kind_of(resign(obj)) == "malformed"
+    with pytest.raises(ValueError, match="only recycle takes a host"):
+        new_command(action, host="db-a")
+
+
 def test_stale_and_future_messages_are_rejected_live_only():
     old = signed(issued_at=NOW - 61)
     assert kind_of(old, max_age=60) == "stale"

@@ -387,3 +387,27 @@ def test_an_async_engine_obeys_commands(tmp_path, bus):
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_wait_holds_until_a_coalesced_command_is_applied(make, bus):
+    engine = make(min_size=1, min_recycle_interval=1.5)
+    pool = engine.pool
+    poll(lambda: pool.stats().idle == 1)
+    first = send(bus, "recycle")
+    poll(lambda: pool.stats().bus.commands_applied == 1)
+    second = send(bus, "recycle")  # within the interval: held back
+    poll(lambda: pool.stats().bus.generation_applied == second.generation)
+    assert pool.stats().bus.commands_pending == 1
+    early = wait_for(bus, second.generation, timeout=0.3)
+    assert not early.complete  # received, but not applied yet
+    assert wait_for(bus, first.generation, timeout=5).complete
+    late = wait_for(bus, second.generation, timeout=10)
+    assert late.complete
+    assert pool.stats().bus.commands_pending == 0
+    assert pool.stats().bus.commands_applied == 2
+
+
+def test_waiting_with_nobody_listening_is_not_success(bus):
+    sent = send(bus, "recycle", pool="nobody")
+    result = wait_for(bus, sent.generation, pool="nobody", timeout=0.2)
+    assert (result.applied, result.pending, result.complete) == ([], [], False)

@@ -136,13 +136,18 @@ def test_bad_notifications_from_psql_are_rejected_and_counted(bus, bus_server, t
         engine.dispose()
 
 
-def test_a_read_only_listener_works_with_tables_made_by_an_administrator(bus_server, tmp_path):
+def test_a_role_without_create_listens_and_reports_with_tables_made_by_an_administrator(
+    bus_server, tmp_path
+):
     channel = f"ro{os.getpid()}_{next(_channels)}"
     with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
         conn.execute(SCHEMA)
         conn.execute("DROP ROLE IF EXISTS bus_reader")
         conn.execute("CREATE ROLE bus_reader LOGIN PASSWORD 'r'")
         conn.execute("GRANT SELECT ON sqla_rebalance_commands TO bus_reader")
+        conn.execute(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON sqla_rebalance_heartbeats TO bus_reader"
+        )
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     reader = bus_server.url(driver=None, user="bus_reader", password="r")
     engine = create_engine(
@@ -161,8 +166,12 @@ def test_a_read_only_listener_works_with_tables_made_by_an_administrator(bus_ser
         )
         poll(lambda: pool.stats().bus.generation_applied == sent.generation)
         assert pool.stats().bus.connected
+        # Its heartbeats are written too: status and --wait see it.
+        wait = wait_for(f"{reader}?channel={channel}", sent.generation, timeout=10)
+        assert [p.process for p in wait.applied] == [pool.stats().bus.process]
     finally:
         engine.dispose()
         with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
             conn.execute("REVOKE ALL ON sqla_rebalance_commands FROM bus_reader")
+            conn.execute("REVOKE ALL ON sqla_rebalance_heartbeats FROM bus_reader")
             conn.execute("DROP ROLE bus_reader")

@@ -107,8 +107,10 @@ def raw_messages(pool: str, secret: bytes) -> dict[str, bytes]:
     now = time.time()
 
     def cmd(**kw):
-        base = new_command("recycle", pool=pool)
-        return dataclasses.replace(base, gen=int(now * 1000) + 10**9, **kw)
+        base = dataclasses.replace(new_command("recycle", pool=pool), **kw)
+        # A generation as a publisher would give it: its issue time in ms, and above every
+        # generation applied so far (the commands of the test were sent just before).
+        return dataclasses.replace(base, gen=int(base.issued_at * 1000) + 1000)
 
     good = json.loads(encode(cmd(), secret))
     unsigned = {k: v for k, v in good.items() if k != "mac"}

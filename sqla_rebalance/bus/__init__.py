@@ -177,6 +177,19 @@ class ProcessStatus:
         probe = Command(action="recycle", pool=pattern)
         return any(probe.matches(str(p.get("pool", ""))) for p in self.pools)
 
+    def has_applied(self, generation: int, pattern: str = "*") -> bool:
+        """True once every pool matching ``pattern`` is done with ``generation``.
+
+        Per pool: a command held back by ``min_recycle_interval`` is not done
+        until it is applied, even though the process has received it.
+        """
+        probe = Command(action="recycle", pool=pattern)
+        return all(
+            int(p.get("generation", self.generation)) >= generation
+            for p in self.pools
+            if probe.matches(str(p.get("pool", "")))
+        )
+
 
 def fleet_status(bus: str | Bus) -> list[ProcessStatus]:
     """Every live process listening on ``bus``, with its pools' figures."""
@@ -209,11 +222,15 @@ class WaitResult:
 
     generation: int
     applied: list[ProcessStatus]
+    #: Live, with a matching pool, and not done yet.
     pending: list[ProcessStatus]
+    #: Seen not done during the wait, then gone (exited, or lost the bus).
+    lost: list[ProcessStatus] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return not self.pending
+        """Every live process with a matching pool has applied it (and there was one)."""
+        return not self.pending and bool(self.applied)
 
 
 def wait_for(
@@ -228,14 +245,19 @@ def wait_for(
     processed ``generation`` (like PgBouncer's ``WAIT_CLOSE``), or ``timeout``.
 
     A process whose heartbeat expires meanwhile (it exited, or lost the bus)
-    is no longer waited for. Returns who has and who has not.
+    is no longer waited for, and is reported in ``lost``. Returns who has and
+    who has not; ``complete`` is False when no process has a matching pool.
     """
     target = open_bus(bus)
     deadline = time.monotonic() + timeout
+    waiting: dict[str, ProcessStatus] = {}
     while True:
         procs = [p for p in fleet_status(target) if p.has_pool(pool)]
-        applied = [p for p in procs if p.generation >= generation]
-        pending = [p for p in procs if p.generation < generation]
-        if not pending or time.monotonic() >= deadline:
-            return WaitResult(generation, applied, pending)
+        applied = [p for p in procs if p.has_applied(generation, pool)]
+        pending = [p for p in procs if not p.has_applied(generation, pool)]
+        waiting.update((p.process, p) for p in pending)
+        live = {p.process for p in procs}
+        lost = [p for key, p in sorted(waiting.items()) if key not in live]
+        if (applied and not pending) or time.monotonic() >= deadline:
+            return WaitResult(generation, applied, pending, lost)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))

@@ -133,7 +133,16 @@ class _Pending:
 class _Member:
     """A pool attached to a listener, and its share of the bookkeeping."""
 
-    __slots__ = ("applied", "attached_at", "coalesced", "last_applied", "pending", "ref", "samples")
+    __slots__ = (
+        "applied",
+        "attached_at",
+        "coalesced",
+        "last_applied",
+        "pending",
+        "ref",
+        "samples",
+        "settled",
+    )
 
     def __init__(self, ref: weakref.ref[RebalancingQueuePool]) -> None:
         self.ref = ref
@@ -143,6 +152,10 @@ class _Member:
         #: Commands applied to this pool, and those folded into another.
         self.applied = 0
         self.coalesced = 0
+        #: Every generation up to this one is done for this pool: applied,
+        #: or not meant for it. Coalesced commands still waiting hold it back
+        #: (``recycle --wait`` waits for this, per pool).
+        self.settled = 0
         #: (time, connects, retirements) for the churn figures.
         self.samples: deque[tuple[float, int, int]] = deque(maxlen=32)
 
@@ -275,10 +288,13 @@ class Listener:
 
     def _lost(self, err: BaseException) -> None:
         was = self.connected
+        first = self.last_error is None and self.connects == 0
         self.connected = False
         self.last_error = f"{type(err).__name__}: {err}"
         if was:
             log.warning("bus %s: connection lost (%s); reconnecting", self.bus, err)
+        elif first:
+            log.warning("bus %s: cannot connect (%s); retrying in the background", self.bus, err)
         else:
             log.info("bus %s: cannot connect (%s); retrying", self.bus, err)
 
@@ -335,10 +351,26 @@ class Listener:
 
     def _receive(self, raw: bytes, live: bool) -> None:
         received = time.time()
+        if not live and _issued_before(raw, self.created_at - ATTACH_GRACE):
+            # History from before this listener existed: not ours to apply, nor
+            # to count (after a secret rotation, all of it is signed with the
+            # old secret). Skipped before verification: skipping is safe.
+            return
         try:
-            command = decode(raw, self.secret, max_age=LIVE_MAX_AGE if live else None, now=received)
+            command = decode(raw, self.secret, max_age=None, now=received)
         except Rejected as rejected:
             self._reject(rejected.kind, rejected.detail)
+            return
+        if live and abs(received - command.issued_at) > LIVE_MAX_AGE:
+            if command.gen > self.applied:
+                # Genuine but too old (or from a clock far off): refused, and
+                # settled, so that reading it from the log later does not
+                # apply it behind the window's back.
+                self._processed(command.gen, live)
+                self._settle()
+            age = received - command.issued_at
+            when = f"{age:.0f}s ago" if age > 0 else f"{-age:.0f}s in the future"
+            self._reject(STALE, f"issued {when} (window {LIVE_MAX_AGE:g}s)")
             return
         gen = command.gen
         if gen <= self.applied:
@@ -354,9 +386,8 @@ class Listener:
                 self._reject(REPLAYED, f"generation {gen} <= {self.applied}")
             return
         self._processed(gen, live)
-        if not live and command.issued_at < self.created_at - ATTACH_GRACE:
-            return  # from before this listener existed: not ours to apply
         if not live and received - command.issued_at > CATCH_UP_MAX_AGE:
+            self._settle()
             self._reject(STALE, f"logged command {gen} is older than {CATCH_UP_MAX_AGE:g}s")
             return
         self.accepted += 1
@@ -367,7 +398,14 @@ class Listener:
                 command.issued_at >= member.attached_at - ATTACH_GRACE
             ):
                 self._dispatch(pool, member, command, cutoff, received)
+        self._settle()
         self._heartbeat_due = min(self._heartbeat_due, received + 0.2)
+
+    def _settle(self) -> None:
+        """Pools with nothing waiting have done everything up to ``applied``."""
+        for _pool, member in self.pools():
+            if member.pending is None:
+                member.settled = self.applied
 
     def _processed(self, gen: int, live: bool) -> None:
         self.applied = gen
@@ -404,6 +442,7 @@ class Listener:
             member.last_applied = now
             for command, cutoff in pending.ordered():
                 self._apply(pool, member, command, cutoff)
+            member.settled = self.applied
             self._heartbeat_due = min(self._heartbeat_due, now + 0.2)
 
     def _apply(
@@ -461,6 +500,7 @@ class Listener:
                         "connects": round((stats.connects - c0) / minutes, 1) if now > t0 else 0.0,
                         "retirements": round((retired - r0) / minutes, 1) if now > t0 else 0.0,
                     },
+                    "generation": member.settled,
                     "commands_applied": member.applied,
                     "commands_pending": len(member.pending.commands) if member.pending else 0,
                     "hosts": {
@@ -507,6 +547,15 @@ class Listener:
             last_error=self.last_error,
             process=self.ident,
         )
+
+
+def _issued_before(raw: bytes, floor: float) -> bool:
+    """True if ``raw`` says it was issued before ``floor`` (unverified: only to skip it)."""
+    try:
+        issued = json.loads(raw).get("issued_at")
+    except (ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(issued, (int, float)) and not isinstance(issued, bool) and issued < floor
 
 
 # -- the registry: one listener per bus (and secret) per process -----------------

@@ -146,6 +146,8 @@ def new_command(
             "drain applies to whole pools; to take one host out, remove it from DNS or "
             "hosts= and send refresh (or recycle --host to reconnect to it)"
         )
+    if host is not None and action != "recycle":
+        raise ValueError(f"only recycle takes a host; {action} applies to the whole pool")
     spread = float(spread)
     if not (0.0 <= spread <= MAX_SPREAD):
         raise ValueError(f"spread must be between 0 and {MAX_SPREAD:g} seconds")
@@ -237,8 +239,8 @@ def decode(
     host = obj.get("host")
     if host is not None and (not isinstance(host, str) or not host):
         raise Rejected(MALFORMED, "host must be a string or null")
-    if action == "drain" and host is not None:
-        raise Rejected(MALFORMED, "drain takes no host")
+    if action != "recycle" and host is not None:
+        raise Rejected(MALFORMED, f"{action} takes no host")
     spread = _number(obj, "spread")
     if not 0.0 <= spread <= MAX_SPREAD:
         raise Rejected(MALFORMED, f"spread {spread} out of range")

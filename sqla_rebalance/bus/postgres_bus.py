@@ -68,6 +68,7 @@ def _conninfo(url: str) -> str:
 
 class PostgresBus(Bus):
     schemes = ("postgresql", "postgres", "postgresql+psycopg")
+    _schema_ok = False
 
     def connect(self, application_name: str = "sqla-rebalance") -> psycopg.Connection[Any]:
         try:
@@ -81,9 +82,20 @@ class PostgresBus(Bus):
             raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
 
     def ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        """Create the tables if they are missing.
+
+        Looked up first: PostgreSQL checks the ``CREATE`` privilege even for
+        ``CREATE TABLE IF NOT EXISTS`` on a table that exists, and a role
+        that only publishes or listens need not have it once an
+        administrator has run :data:`SCHEMA`.
+        """
+        if self._schema_ok or _tables_exist(conn):
+            self._schema_ok = True
+            return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             conn.execute(SCHEMA)
+        self._schema_ok = True
 
     def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
         conn = self.connect()
@@ -142,6 +154,14 @@ class PostgresBus(Bus):
 
     def subscribe(self) -> Subscription:
         return _PostgresSubscription(self)
+
+
+def _tables_exist(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass('sqla_rebalance_commands') IS NOT NULL"
+        " AND to_regclass('sqla_rebalance_heartbeats') IS NOT NULL"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _generation(conn: psycopg.Connection[Any], channel: str) -> int:

@@ -95,10 +95,19 @@ class RedisBus(Bus):
             client.close()
 
     def heartbeats(self) -> list[bytes]:
+        # An index set of the heartbeat keys, not a SCAN of the whole database:
+        # ``recycle --wait`` reads this several times a second.
+        index = f"{self.channel}:hb"
         client = self.client()
         try:
-            keys = list(client.scan_iter(match=f"{self.channel}:hb:*", count=500))
+            members = sorted(client.smembers(index))
+            keys = [
+                f"{self.channel}:hb:{m.decode() if isinstance(m, bytes) else m}" for m in members
+            ]
             values = client.mget(keys) if keys else []
+            gone = [m for m, v in zip(members, values, strict=True) if v is None]
+            if gone:  # expired: the process exited or lost the bus
+                client.srem(index, *gone)
         except redis.RedisError as err:
             raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
         finally:
@@ -155,10 +164,12 @@ class _RedisSubscription(Subscription):
         ]
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+        channel = self._bus.channel
         try:
-            self._client.set(
-                f"{self._bus.channel}:hb:{process}", payload, px=max(1, int(ttl * 1000))
-            )
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(f"{channel}:hb:{process}", payload, px=max(1, int(ttl * 1000)))
+            pipe.sadd(f"{channel}:hb", process)
+            pipe.execute()
         except redis.RedisError as err:
             raise self._fail(err) from err
 

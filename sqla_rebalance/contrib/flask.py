@@ -890,11 +890,10 @@ def _action_command(action: str) -> click.Command:
             "configures; '*' is every pool on the bus)",
         )
     ]
-    if action != "drain":
+    if action == "recycle":
         options.append(
             click.option("--host", default=None, help="only the connections to this host")
         )
-    if action == "recycle":
         options.append(
             click.option(
                 "--spread",

@@ -4,8 +4,10 @@ backend killed with pg_terminate_backend, and raw bad notifications sent with ps
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -175,3 +177,20 @@ def test_a_role_without_create_listens_and_reports_with_tables_made_by_an_admini
             conn.execute("REVOKE ALL ON sqla_rebalance_commands FROM bus_reader")
             conn.execute("REVOKE ALL ON sqla_rebalance_heartbeats FROM bus_reader")
             conn.execute("DROP ROLE bus_reader")
+
+
+def test_notifications_arriving_together_are_all_delivered(bus):
+    sub = open_bus(bus).subscribe()
+    try:
+        sent = [send_command(bus, "rebalance", secret=SECRET) for _ in range(5)]
+        # All five are queued on the listening connection before it reads: they come in
+        # one packet, and each must come out of get().
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 5 and time.monotonic() < deadline:
+            raw = sub.get(0.5)
+            if raw is not None:
+                got.append(json.loads(raw)["gen"])
+        assert got == [s.generation for s in sent]
+    finally:
+        sub.close()

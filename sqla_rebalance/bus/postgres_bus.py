@@ -19,7 +19,8 @@ heartbeats through it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,8 +99,7 @@ class PostgresBus(Bus):
         self._schema_ok = True
 
     def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
-        conn = self.connect()
-        try:
+        with self._session() as conn:
             self.ensure_schema(conn)
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -121,35 +121,32 @@ class PostgresBus(Bus):
                     (self.channel, self.channel, LOG_LENGTH - 1),
                 )
                 conn.execute("SELECT pg_notify(%s, %s)", (self.channel, data))
-        except psycopg.Error as err:
-            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
-        finally:
-            conn.close()
         return gen, None
 
-    def generation(self) -> int:
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[psycopg.Connection[Any]]:
+        """A short-lived connection; driver errors become BusUnavailableError."""
         conn = self.connect()
         try:
-            return _generation(conn, self.channel)
+            yield conn
         except psycopg.Error as err:
             raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
         finally:
             conn.close()
 
+    def generation(self) -> int:
+        with self._session() as conn:
+            return _generation(conn, self.channel)
+
     def heartbeats(self) -> list[bytes]:
-        conn = self.connect()
-        try:
+        with self._session() as conn:
+            if not _tables_exist(conn):
+                return []
             rows = conn.execute(
                 "SELECT payload FROM sqla_rebalance_heartbeats"
                 " WHERE channel = %s AND expires_at > now() ORDER BY process",
                 (self.channel,),
             ).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
-        except psycopg.Error as err:
-            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
-        finally:
-            conn.close()
         return [str(r[0]).encode() for r in rows]
 
     def subscribe(self) -> Subscription:
@@ -180,6 +177,7 @@ class _PostgresSubscription(Subscription):
         self._bus = bus
         self._conn = bus.connect("sqla-rebalance-listener")
         self._can_heartbeat = True
+        self._buffer: deque[bytes] = deque()
         try:
             try:
                 bus.ensure_schema(self._conn)
@@ -195,14 +193,18 @@ class _PostgresSubscription(Subscription):
         return BusUnavailableError(f"postgresql {self._bus.display_url}: {err}")
 
     def get(self, timeout: float) -> bytes | None:
-        try:
-            for notify in self._conn.notifies(timeout=timeout, stop_after=1):
-                return notify.payload.encode("utf-8", "surrogateescape")
-        except psycopg.Error as err:
-            raise self._fail(err) from err
-        if self._conn.closed:
-            raise self._fail(RuntimeError("connection closed"))
-        return None
+        if not self._buffer:
+            try:
+                # Run the generator to its end: notifications that arrive in
+                # one packet come together, and leaving the loop at the first
+                # one would drop the others.
+                for notify in self._conn.notifies(timeout=timeout, stop_after=1):
+                    self._buffer.append(notify.payload.encode("utf-8", "surrogateescape"))
+            except psycopg.Error as err:
+                raise self._fail(err) from err
+            if self._conn.closed:
+                raise self._fail(RuntimeError("connection closed"))
+        return self._buffer.popleft() if self._buffer else None
 
     def generation(self) -> int:
         try:

@@ -13,7 +13,7 @@ import contextlib
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
 from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
@@ -69,8 +69,7 @@ class SQLiteBus(Bus):
         return conn
 
     def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
-        conn = self.connect()
-        try:
+        with self._session() as conn:
             conn.execute("BEGIN IMMEDIATE")  # one publisher at a time
             gen = next_generation(_generation(conn, self.channel))
             data = build(gen).decode("ascii")
@@ -85,33 +84,30 @@ class SQLiteBus(Bus):
                 (self.channel, self.channel, LOG_LENGTH),
             )
             conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            raise BusUnavailableError(f"sqlite {self.path}: {err}") from err
-        finally:
-            conn.close()
         return gen, None
 
-    def generation(self) -> int:
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection; driver errors become BusUnavailableError."""
         conn = self.connect()
         try:
-            return _generation(conn, self.channel)
+            yield conn
         except sqlite3.Error as err:
             raise BusUnavailableError(f"sqlite {self.path}: {err}") from err
         finally:
             conn.close()
 
+    def generation(self) -> int:
+        with self._session() as conn:
+            return _generation(conn, self.channel)
+
     def heartbeats(self) -> list[bytes]:
-        conn = self.connect()
-        try:
+        with self._session() as conn:
             rows = conn.execute(
                 "SELECT payload FROM sqla_rebalance_heartbeats"
                 " WHERE channel = ? AND expires_at > ? ORDER BY process",
                 (self.channel, time.time()),
             ).fetchall()
-        except sqlite3.Error as err:
-            raise BusUnavailableError(f"sqlite {self.path}: {err}") from err
-        finally:
-            conn.close()
         return [str(r[0]).encode() for r in rows]
 
     def subscribe(self) -> Subscription:

@@ -46,6 +46,7 @@ step "benchmark smoke run (figures only; timing is not pass/fail)"
 .venv/bin/python benchmarks/recycle_storm.py --duration 12
 .venv/bin/python benchmarks/new_replica.py --quick
 .venv/bin/python benchmarks/failover.py --quick
+.venv/bin/python benchmarks/broadcast_latency.py --quick
 
 step "docs"
 .venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import weakref
@@ -76,6 +77,9 @@ def schedule_replacements(
     return starts
 
 
+_serials = itertools.count(1)
+
+
 class ConnState:
     """What the pool knows of one open DBAPI connection.
 
@@ -97,6 +101,7 @@ class ConnState:
         "reason",
         "retire_at",
         "retire_reason",
+        "serial",
     )
 
     def __init__(
@@ -108,6 +113,8 @@ class ConnState:
         deadline: float | None,
     ) -> None:
         self.pool_ref: weakref.ref[RebalancingQueuePool] = weakref.ref(pool)
+        #: Numbers the connections of this process (``connection_id`` in signals).
+        self.serial = next(_serials)
         self.dbapi = dbapi
         self.host = host
         self.connected_at = connected_at

@@ -378,7 +378,13 @@ class RebalancingQueuePool(QueuePool):
                 self._request_pass()
         self._ensure_registered()
         if signals.connection_opened.receivers:
-            signals.connection_opened.send(self, host=state.host, background=background)
+            signals.connection_opened.send(
+                self,
+                host=state.host,
+                background=background,
+                connection_id=state.serial,
+                connected_at=state.connected_at,
+            )
 
     # -- cluster-wide commands ---------------------------------------------------
     def _build_bus(
@@ -1569,8 +1575,15 @@ class RebalancingQueuePool(QueuePool):
                 reason = OVERFLOW  # QueuePool closing an overflow connection at checkin
         self._counters.retired(reason)
         if signals.connection_retired.receivers:
+            now = time.time()
             signals.connection_retired.send(
-                self, host=state.host, reason=reason, age=time.time() - state.connected_at
+                self,
+                host=state.host,
+                reason=reason,
+                age=now - state.connected_at,
+                connection_id=state.serial,
+                connected_at=state.connected_at,
+                closed_at=now,
             )
 
 

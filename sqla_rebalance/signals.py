@@ -6,10 +6,12 @@ short and never block in them.
 
 - ``connection_opened``: a new DBAPI connection was opened.
   Keyword arguments: ``host``, ``background`` (True if the maintenance worker
-  opened it, False if a checkout had to wait for it).
+  opened it, False if a checkout had to wait for it), ``connection_id`` (a
+  number unique in this process), ``connected_at`` (epoch seconds).
 - ``connection_retired``: a connection was closed by the pool.
   Keyword arguments: ``host``, ``reason`` (one of
-  :data:`sqla_rebalance.stats.RETIREMENT_REASONS`), ``age`` (seconds open).
+  :data:`sqla_rebalance.stats.RETIREMENT_REASONS`), ``age`` (seconds open),
+  ``connection_id``, ``connected_at`` and ``closed_at`` (epoch seconds).
 - ``host_up`` / ``host_down``: a host changed health. Keyword: ``host``.
 - ``hosts_changed``: the set of hosts changed. Keywords: ``added``, ``removed``.
 - ``recycle_requested``: ``pool.recycle()`` was called (locally or by a

@@ -1,0 +1,1 @@
+"""MySQL and MariaDB (mysqlclient, or PyMySQL) with connections from ``RebalancingQueuePool``."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .bus.message import ACTIONS
+from .bus.report import ACTION_HELP, process_lines, sent_line, sent_record, wait_lines
 from .errors import ConfigurationError
 from .pool import SECRET_ENV
 
@@ -74,16 +75,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ACTION_HELP = {
-    "recycle": "replace connections gracefully: idle ones spread over --spread seconds, "
-    "those in use at checkin",
-    "rebalance": "move only the excess connections from over-loaded hosts to under-loaded ones",
-    "refresh": "re-resolve DNS names and re-check every host now, then rebalance",
-    "drain": "close every connection (idle now, in use at checkin) and open none until "
-    "the application needs one again",
-}
-
-
 def _bus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bus",
@@ -98,8 +89,8 @@ def _bus_commands(sub: Any) -> None:
         # No abbreviations: "--secret S" must be an error, not "--secret-env S".
         p = sub.add_parser(
             action,
-            help=_ACTION_HELP[action],
-            description=_ACTION_HELP[action],
+            help=ACTION_HELP[action],
+            description=ACTION_HELP[action],
             allow_abbrev=False,
         )
         _bus_options(p)
@@ -185,14 +176,9 @@ def _send(args: argparse.Namespace) -> int:
     except BusUnavailableError as err:
         print(f"sqla-rebalance: cannot publish: {err}", file=sys.stderr)
         return 3
-    out: dict[str, Any] = {
-        "generation": sent.generation,
-        "command": sent.command.describe(),
-        "receivers": sent.receivers,
-    }
     if not args.json:
-        receivers = "" if sent.receivers is None else f", {sent.receivers} listener(s) reached"
-        print(f"sent generation {sent.generation}: {sent.command.describe()}{receivers}")
+        print(sent_line(sent))
+    result = None
     status = 0
     if args.wait is not None:
         try:
@@ -200,21 +186,11 @@ def _send(args: argparse.Namespace) -> int:
         except BusUnavailableError as err:
             print(f"sqla-rebalance: cannot read status: {err}", file=sys.stderr)
             return 3
-        out["applied"] = [p.process for p in result.applied]
-        out["pending"] = [p.process for p in result.pending]
-        out["lost"] = [p.process for p in result.lost]
         if not args.json:
-            if not result.applied and not result.pending:
-                print(f"no live process has a pool matching {args.pool!r} on this bus")
-            else:
-                print(f"applied by {len(result.applied)} process(es)")
-            for p in result.pending:
-                print(f"NOT applied by {p.process} (at generation {p.generation})")
-            for p in result.lost:
-                print(f"gone before applying it: {p.process} (its heartbeat expired)")
+            print("\n".join(wait_lines(result, args.pool)))
         status = 0 if result.complete else 1
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(sent_record(sent, result), indent=2))
     return status
 
 
@@ -239,22 +215,7 @@ def _status(args: argparse.Namespace) -> int:
         print("no live process on this bus")
         return 0
     for proc in procs:
-        print(f"{proc.process}  generation {proc.generation}  (heartbeat {proc.age:.1f}s ago)")
-        for pool in proc.pools:
-            churn = pool.get("churn_per_min", {})
-            print(
-                f"  pool {pool.get('pool')}: open {pool.get('open')} "
-                f"(idle {pool.get('idle')}, in use {pool.get('in_use')}), "
-                f"churn/min connects {churn.get('connects', 0)} "
-                f"retirements {churn.get('retirements', 0)}, "
-                f"commands applied {pool.get('commands_applied', 0)}"
-                + (f", {pool['commands_pending']} pending" if pool.get("commands_pending") else "")
-            )
-            for key, host in sorted(pool.get("hosts", {}).items()):
-                print(
-                    f"    {key:<24} open {host.get('open')} idle {host.get('idle')} "
-                    f"in use {host.get('in_use')}  {host.get('health')} {host.get('role')}"
-                )
+        print("\n".join(process_lines(proc)))
     return 0
 
 

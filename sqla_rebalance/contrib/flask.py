@@ -47,7 +47,7 @@ from ..bus import wait_for as bus_wait_for
 from ..bus.base import redact
 from ..bus.listener import process_id
 from ..bus.message import ACTIONS, MAX_SPREAD
-from ..cli import _ACTION_HELP
+from ..bus.report import ACTION_HELP, process_lines, sent_line, sent_record, wait_lines
 from ..config import DEFAULT_POOL_NAME, PoolConfig
 from ..dns import Resolver, parse_nameserver
 from ..errors import ConfigurationError, RebalanceError
@@ -827,23 +827,9 @@ def _send(
             except BusUnavailableError as err:
                 raise _BusFail(f"cannot publish on {target.display}: {err}") from None
             sent_list.append((target, name, sent))
-            out.append(
-                {
-                    "bus": target.display,
-                    "pool": name,
-                    "generation": sent.generation,
-                    "command": sent.command.describe(),
-                    "receivers": sent.receivers,
-                }
-            )
+            out.append(sent_record(sent, bus=target.display))
             if not as_json:
-                reached = (
-                    "" if sent.receivers is None else f", {sent.receivers} listener(s) reached"
-                )
-                click.echo(
-                    f"sent generation {sent.generation}: {sent.command.describe()} "
-                    f"on {target.display}{reached}"
-                )
+                click.echo(sent_line(sent, where=target.display))
     status = 0
     if wait is not None:
         deadline = time.monotonic() + wait
@@ -857,20 +843,12 @@ def _send(
                 )
             except BusUnavailableError as err:
                 raise _BusFail(f"cannot read status from {target.display}: {err}") from None
-            record["applied"] = [p.process for p in result.applied]
-            record["pending"] = [p.process for p in result.pending]
+            record.update(sent_record(sent, result, bus=target.display))
             if not result.complete:
                 status = 1
-            if as_json:
-                continue
-            if not result.applied and not result.pending:
-                click.echo(f"pool {name}: no live process with this pool on {target.display}")
-                continue
-            click.echo(f"pool {name}: applied by {len(result.applied)} process(es)")
-            for proc in result.pending:
-                click.echo(
-                    f"pool {name}: NOT applied by {proc.process} (at generation {proc.generation})"
-                )
+            if not as_json:
+                for line in wait_lines(result, name):
+                    click.echo(f"pool {name}: {line}")
     if as_json:
         click.echo(json.dumps(out, indent=2))
     if status:
@@ -924,7 +902,7 @@ def _action_command(action: str) -> click.Command:
     func: Callable[..., Any] = run
     for option in reversed(options):
         func = option(func)
-    summary = _ACTION_HELP[action]
+    summary = ACTION_HELP[action]
     help_text = (
         f"{summary[:1].upper()}{summary[1:]}, in every process of this app (over the bus "
         "configured by SQLA_REBALANCE_BROADCAST, signed with SQLA_REBALANCE_SECRET)."
@@ -1024,27 +1002,7 @@ def _local_status(state: _AppState, as_json: bool, bus_configured: bool) -> None
 
 
 def _print_process(proc: ProcessStatus, bus: str) -> None:
-    mine = " (this process)" if proc.is_this_process() else ""
-    click.echo(
-        f"{proc.process}{mine}  on {bus}  generation {proc.generation}  "
-        f"(heartbeat {proc.age:.1f}s ago)"
-    )
-    for pool in proc.pools:
-        churn = pool.get("churn_per_min", {})
-        pending = pool.get("commands_pending")
-        click.echo(
-            f"  pool {pool.get('pool')}: open {pool.get('open')} "
-            f"(idle {pool.get('idle')}, in use {pool.get('in_use')}), "
-            f"churn/min connects {churn.get('connects', 0)} "
-            f"retirements {churn.get('retirements', 0)}, "
-            f"commands applied {pool.get('commands_applied', 0)}"
-            + (f", {pending} pending" if pending else "")
-        )
-        for key, host in sorted(pool.get("hosts", {}).items()):
-            click.echo(
-                f"    {key:<24} open {host.get('open')} idle {host.get('idle')} "
-                f"in use {host.get('in_use')}  {host.get('health')} {host.get('role')}"
-            )
+    click.echo("\n".join(process_lines(proc, where=bus)))
 
 
 def _fleet_status(targets: Iterable[_Target], patterns: tuple[str, ...], as_json: bool) -> None:

@@ -28,6 +28,7 @@ from sqla_rebalance import bus as bus_api
 from sqla_rebalance.bus.base import redact
 from sqla_rebalance.bus.listener import process_id
 from sqla_rebalance.bus.message import ACTIONS
+from sqla_rebalance.bus.report import process_lines, sent_line, sent_record, wait_lines
 from sqla_rebalance.contrib.django import conf, pools
 from sqla_rebalance.errors import ConfigurationError
 
@@ -201,20 +202,9 @@ class Command(BaseCommand):  # type: ignore[misc]
                 raise CommandError(
                     f"cannot publish on {target.display}: {err}", returncode=3
                 ) from err
-            result: dict[str, Any] = {
-                "bus": target.display,
-                "generation": sent.generation,
-                "command": sent.command.describe(),
-                "receivers": sent.receivers,
-            }
+            result = sent_record(sent, bus=target.display)
             if not options["json"]:
-                reached = (
-                    "" if sent.receivers is None else f", {sent.receivers} listener(s) reached"
-                )
-                self.stdout.write(
-                    f"{target.display}: sent generation {sent.generation}: "
-                    f"{sent.command.describe()}{reached}"
-                )
+                self.stdout.write(sent_line(sent, where=target.display))
             if options["wait"] is not None:
                 try:
                     waited = bus_api.wait_for(
@@ -224,25 +214,11 @@ class Command(BaseCommand):  # type: ignore[misc]
                     raise CommandError(
                         f"cannot read status from {target.display}: {err}", returncode=3
                     ) from err
-                # Processes that went away while being waited for (newer bus versions).
-                lost = getattr(waited, "lost", [])
-                result["applied"] = [p.process for p in waited.applied]
-                result["pending"] = [p.process for p in waited.pending]
-                result["lost"] = [p.process for p in lost]
+                result = sent_record(sent, waited, bus=target.display)
                 incomplete |= not waited.complete
                 if not options["json"]:
-                    if not waited.applied and not waited.pending:
-                        self.stdout.write(
-                            f"  no live process has a pool matching {options['pool']!r} on this bus"
-                        )
-                    else:
-                        self.stdout.write(f"  applied by {len(waited.applied)} process(es)")
-                    for p in waited.pending:
-                        self.stdout.write(
-                            f"  NOT applied by {p.process} (at generation {p.generation})"
-                        )
-                    for p in lost:
-                        self.stdout.write(f"  gone before applying it: {p.process}")
+                    for line in wait_lines(waited, options["pool"]):
+                        self.stdout.write(f"  {line}")
             results.append(result)
         if options["json"]:
             self.stdout.write(json.dumps({"buses": results}, indent=2))
@@ -267,21 +243,8 @@ class Command(BaseCommand):  # type: ignore[misc]
                 continue
             self.stdout.write(f"bus {target.display}: {len(procs)} live process(es)")
             for proc in procs:
-                self.stdout.write(
-                    f"  {proc.process}  generation {proc.generation}  "
-                    f"(heartbeat {proc.age:.1f}s ago)"
-                )
-                for pool in proc.pools:
-                    self.stdout.write(
-                        f"    pool {pool.get('pool')}: open {pool.get('open')} "
-                        f"(idle {pool.get('idle')}, in use {pool.get('in_use')}), "
-                        f"commands applied {pool.get('commands_applied', 0)}"
-                    )
-                    for key, host in sorted(pool.get("hosts", {}).items()):
-                        self.stdout.write(
-                            f"      {key:<24} open {host.get('open')} idle {host.get('idle')} "
-                            f"in use {host.get('in_use')}  {host.get('health')} {host.get('role')}"
-                        )
+                for line in process_lines(proc):
+                    self.stdout.write(f"  {line}")
         if options["json"]:
             self.stdout.write(json.dumps({"mode": "bus", "buses": buses}, indent=2))
 

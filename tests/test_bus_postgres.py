@@ -13,14 +13,14 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine
 
-from sqla_rebalance import RebalancingQueuePool, signals
+from sqla_rebalance import RebalancingQueuePool
 from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
 from sqla_rebalance.bus.postgres_bus import SCHEMA
 
+from .bus_cases import check_bad_messages_are_rejected
 from .bus_proc import start_apps
 from .helpers import wait_for as poll
 from .servers import find_pg_bindir
-from .test_bus_redis import raw_messages
 
 SECRET = "pg-bus-test-secret"
 _channels = itertools.count()
@@ -88,54 +88,40 @@ def test_killed_listener_backends_recover_and_catch_up(bus, bus_server, tmp_path
 
 
 def test_bad_notifications_from_psql_are_rejected_and_counted(bus, bus_server, tmp_path):
-    engine = create_engine(
-        f"sqlite:///{tmp_path}/app.db",
-        poolclass=RebalancingQueuePool,
-        min_size=2,
-        broadcast=bus,
-        broadcast_secret=SECRET,
-        min_recycle_interval=0,
-    )
-    pool = engine.pool
-    recycles: list[str] = []
+    channel = open_bus(bus).channel
+    psql = find_pg_bindir() / "psql"
 
-    def on_recycle(sender, **kw):
-        recycles.append(kw["reason"])
+    def publish_raw(payload: bytes) -> None:
+        subprocess.run(
+            [
+                str(psql),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                bus_server.dsn(),
+                "-v",
+                f"chan={channel}",
+                "-v",
+                f"payload={payload.decode()}",
+            ],
+            input="SELECT pg_notify(:'chan', :'payload');\n",
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=20,
+        )
 
-    signals.recycle_requested.connect(on_recycle, pool)
-    try:
-        poll(lambda: pool.listener is not None and pool.listener.connected)
-        first = send_command(bus, "recycle", secret=SECRET)
-        poll(lambda: pool.stats().bus.generation_applied == first.generation)
-        channel = open_bus(bus).channel
-        messages = raw_messages("*", SECRET.encode())
+    def logged_first() -> bytes:
         with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
             row = conn.execute(
-                "SELECT message FROM sqla_rebalance_commands WHERE channel = %s", (channel,)
+                "SELECT message FROM sqla_rebalance_commands WHERE channel = %s ORDER BY gen",
+                (channel,),
             ).fetchone()
         assert row is not None
-        messages["replayed"] = row[0].encode()
-        psql = find_pg_bindir() / "psql"
-        for payload in messages.values():
-            variables = ["-v", f"chan={channel}", "-v", f"payload={payload.decode()}"]
-            subprocess.run(
-                [str(psql), "-X", "-q", "-v", "ON_ERROR_STOP=1", bus_server.dsn(), *variables],
-                input="SELECT pg_notify(:'chan', :'payload');\n",
-                text=True,
-                check=True,
-                capture_output=True,
-                timeout=20,
-            )
-        poll(lambda: pool.stats().bus.messages_rejected == len(messages))
-        last = send_command(bus, "rebalance", secret=SECRET)
-        poll(lambda: pool.stats().bus.generation_applied == last.generation)
-        stats = pool.stats()
-        assert stats.bus.rejected == dict.fromkeys(messages, 1)
-        assert stats.bus.messages_accepted == 2
-        assert recycles == ["signal"]
-    finally:
-        signals.recycle_requested.disconnect(on_recycle)
-        engine.dispose()
+        return str(row[0]).encode()
+
+    check_bad_messages_are_rejected(bus, SECRET, tmp_path, publish_raw, logged_first)
 
 
 def test_a_role_without_create_listens_and_reports_with_tables_made_by_an_administrator(

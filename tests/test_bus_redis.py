@@ -3,7 +3,6 @@ messages from redis-cli, a flood, and transactions running through recycles on P
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -18,8 +17,8 @@ from sqlalchemy import create_engine, text
 
 from sqla_rebalance import RebalancingQueuePool, signals
 from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
-from sqla_rebalance.bus.message import encode, new_command
 
+from .bus_cases import check_bad_messages_are_rejected
 from .bus_proc import ROOT, start_apps
 from .helpers import wait_for as poll
 from .servers import find_free_port, find_program
@@ -102,76 +101,36 @@ def test_a_command_sent_while_redis_restarts_is_applied_after_reconnect(
         assert bye["commits"] > 0
 
 
-def raw_messages(pool: str, secret: bytes) -> dict[str, bytes]:
-    """One message of every kind a listener must refuse (``secret``: the pool's own)."""
-    now = time.time()
-
-    def cmd(**kw):
-        base = dataclasses.replace(new_command("recycle", pool=pool), **kw)
-        # A generation as a publisher would give it: its issue time in ms, and above every
-        # generation applied so far (the commands of the test were sent just before).
-        return dataclasses.replace(base, gen=int(base.issued_at * 1000) + 1000)
-
-    good = json.loads(encode(cmd(), secret))
-    unsigned = {k: v for k, v in good.items() if k != "mac"}
-    tampered = {**good, "spread": 99.0}
-    return {
-        "malformed": b"this is not json",
-        "oversized": json.dumps({**good, "nonce": "x" * 2000}).encode(),
-        "version": json.dumps({**good, "v": 99}).encode(),
-        "unsigned": json.dumps(unsigned).encode(),
-        "bad_signature": json.dumps(tampered).encode(),
-        "stale": encode(cmd(issued_at=now - 3600), secret),
-        "unknown_action": encode(cmd(action="shutdown"), secret),
-    }
-
-
 def test_bad_messages_from_redis_cli_are_rejected_and_counted(redis_server, bus, tmp_path):
-    engine = create_engine(
-        f"sqlite:///{tmp_path}/app.db",
-        poolclass=RebalancingQueuePool,
-        min_size=2,
-        broadcast=bus,
-        broadcast_secret=SECRET,
-        min_recycle_interval=0,
-    )
-    pool = engine.pool
-    recycles: list[str] = []
+    channel = open_bus(bus).channel
+    cli = find_program("redis-cli", "redis-server")
 
-    def on_recycle(sender, **kw):
-        recycles.append(kw["reason"])
+    def publish_raw(payload: bytes) -> None:
+        subprocess.run(
+            [
+                str(cli),
+                "-h",
+                redis_server.host,
+                "-p",
+                str(redis_server.port),
+                "-x",
+                "PUBLISH",
+                f"{channel}:commands",
+            ],
+            input=payload,
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
 
-    signals.recycle_requested.connect(on_recycle, pool)
-    try:
-        poll(lambda: pool.listener is not None and pool.listener.connected)
-        first = send_command(bus, "recycle", secret=SECRET)
-        poll(lambda: pool.stats().bus.generation_applied == first.generation)
-        channel = f"{open_bus(bus).channel}:commands"
-        cli = find_program("redis-cli", "redis-server")
-        messages = raw_messages("*", SECRET.encode())
-        # A replay: the exact bytes of the command already applied, published again.
-        messages["replayed"] = redis.Redis.from_url(bus.split("?")[0]).zrange(
-            f"{open_bus(bus).channel}:log", 0, 0
-        )[0]
-        publish = ["-x", "PUBLISH", channel]
-        for payload in messages.values():
-            subprocess.run(
-                [str(cli), "-h", redis_server.host, "-p", str(redis_server.port), *publish],
-                input=payload,
-                check=True,
-                capture_output=True,
-                timeout=10,
-            )
-        poll(lambda: pool.stats().bus.messages_rejected == len(messages))
-        last = send_command(bus, "rebalance", secret=SECRET)
-        poll(lambda: pool.stats().bus.generation_applied == last.generation)
-        stats = pool.stats()
-        assert stats.bus.rejected == dict.fromkeys(messages, 1)
-        assert stats.bus.messages_accepted == 2
-        assert recycles == ["signal"]  # the first command only
-        assert stats.retirements["signal"] == 2
-    finally:
-        engine.dispose()
+    def logged_first() -> bytes:
+        r = redis.Redis(host=redis_server.host, port=redis_server.port)
+        try:
+            return r.zrange(f"{channel}:log", 0, 0)[0]
+        finally:
+            r.close()
+
+    check_bad_messages_are_rejected(bus, SECRET, tmp_path, publish_raw, logged_first)
 
 
 def test_a_flood_of_commands_recycles_at_most_once_per_interval(bus, tmp_path):

@@ -36,6 +36,16 @@ class FakePool:
         self.applied.append((command.action, command.host, command.spread, cutoff))
 
 
+class FakeSubscription:
+    """A log to catch up from (the listener only calls ``since`` here)."""
+
+    def __init__(self, log: list[tuple[int, bytes]]) -> None:
+        self.log = log
+
+    def since(self, gen: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+        return [(g, raw) for g, raw in self.log if g > gen][:limit]
+
+
 @pytest.fixture
 def clock(monkeypatch):
     clock = FakeClock()
@@ -106,9 +116,12 @@ def test_catch_up_skips_history_from_before_the_listener(clock, make):
     before = message(clock, 1)  # in the log before this process started
     clock.advance(listener_mod.ATTACH_GRACE + 1)
     lst = make(pool)
-    lst._receive(before, live=False)
+    lst.secret = b"rotated since"  # history signed with the old secret raises no alarm
+    lst._catch_up(FakeSubscription([(1, before)]))
     assert pool.applied == []
     assert sum(lst.rejected.values()) == 0  # not even verified: history is skipped
+    assert lst._members[id(pool)].settled == 1  # done, as far as --wait is concerned
+    lst.secret = SECRET
     clock.advance(1)
     missed = message(clock, 2, spread=3)  # sent while disconnected
     clock.advance(20)
@@ -187,3 +200,19 @@ def test_rejections_are_logged_once_per_kind_per_minute(clock, make, caplog):
     lst._receive(b"garbage", live=True)
     assert len(caplog.records) == 2
     assert "49 more like it" in caplog.records[1].getMessage()
+
+
+def test_a_stale_live_command_is_refused_not_settled(clock, make):
+    pool = FakePool("orders", 0.0)
+    lst = make(pool)
+    clock.advance(1000)
+    clock.advance(-(listener_mod.LIVE_MAX_AGE + 1))
+    old = message(clock, 5)
+    clock.advance(listener_mod.LIVE_MAX_AGE + 1)
+    lst._receive(old, live=True)
+    assert lst.rejected["stale"] == 1
+    assert pool.applied == []
+    member = lst._members[id(pool)]
+    assert member.settled == 0  # recycle --wait must not report it applied
+    lst._receive(old, live=False)  # the same command read from the log later
+    assert pool.applied == []  # never applied behind the window's back

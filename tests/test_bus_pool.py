@@ -411,3 +411,16 @@ def test_waiting_with_nobody_listening_is_not_success(bus):
     sent = send(bus, "recycle", pool="nobody")
     result = wait_for(bus, sent.generation, pool="nobody", timeout=0.2)
     assert (result.applied, result.pending, result.complete) == ([], [], False)
+
+
+def test_a_process_started_after_a_command_has_nothing_to_wait_for(make, bus, monkeypatch):
+    # Commands issued before a listener existed are history (no grace here, for the test).
+    monkeypatch.setattr(listener_mod, "ATTACH_GRACE", 0.0)
+    sent = send(bus, "recycle")
+    engine = make(min_size=1)
+    poll(lambda: engine.pool.stats().idle == 1)
+    result = wait_for(bus, sent.generation, timeout=10)
+    assert result.complete
+    assert [p.process for p in result.applied] == [engine.pool.stats().bus.process]
+    assert engine.pool.stats().retirements["signal"] == 0  # history is never applied
+    assert engine.pool.stats().bus.messages_rejected == 0

@@ -178,6 +178,8 @@ class Listener:
         #: Where the next catch-up read of the log starts: past everything
         #: read there, including entries that were rejected.
         self._log_cursor = 0
+        #: Highest generation in the log from before this listener existed.
+        self._history = 0
         self._recent: deque[int] = deque(maxlen=_RECENT)
         self._recent_live: dict[int, bool] = {}
         self.accepted = 0
@@ -209,7 +211,10 @@ class Listener:
                 self._members.pop(key, None)
             self._wake.set()
 
-        self._members[key] = _Member(weakref.ref(pool, gone))
+        member = self._members[key] = _Member(weakref.ref(pool, gone))
+        # Commands from before it attached are not for it: done, as far as
+        # recycle --wait is concerned.
+        member.settled = max(self.applied, self._history)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name=f"sqla-rebalance-bus-{self.bus.channel}", daemon=True
@@ -344,18 +349,21 @@ class Listener:
         while True:
             batch = sub.since(max(self.applied, self._log_cursor))
             for gen, raw in batch:
-                self._receive(raw, live=False)
+                if _issued_before(raw, self.created_at - ATTACH_GRACE):
+                    # History from before this listener existed: not ours to
+                    # apply, nor to count (after a secret rotation, all of it
+                    # is signed with the old secret). Skipped unverified, which
+                    # is safe; only --wait reports take it as done.
+                    self._history = max(self._history, gen)
+                    self._settle()
+                else:
+                    self._receive(raw, live=False)
                 self._log_cursor = max(self._log_cursor, gen)
             if len(batch) < 100:
                 return
 
     def _receive(self, raw: bytes, live: bool) -> None:
         received = time.time()
-        if not live and _issued_before(raw, self.created_at - ATTACH_GRACE):
-            # History from before this listener existed: not ours to apply, nor
-            # to count (after a secret rotation, all of it is signed with the
-            # old secret). Skipped before verification: skipping is safe.
-            return
         try:
             command = decode(raw, self.secret, max_age=None, now=received)
         except Rejected as rejected:
@@ -364,10 +372,10 @@ class Listener:
         if live and abs(received - command.issued_at) > LIVE_MAX_AGE:
             if command.gen > self.applied:
                 # Genuine but too old (or from a clock far off): refused, and
-                # settled, so that reading it from the log later does not
-                # apply it behind the window's back.
+                # marked processed, so that reading it from the log later does
+                # not apply it behind the window's back. Not settled: --wait
+                # must not report it applied.
                 self._processed(command.gen, live)
-                self._settle()
             age = received - command.issued_at
             when = f"{age:.0f}s ago" if age > 0 else f"{-age:.0f}s in the future"
             self._reject(STALE, f"issued {when} (window {LIVE_MAX_AGE:g}s)")
@@ -403,9 +411,10 @@ class Listener:
 
     def _settle(self) -> None:
         """Pools with nothing waiting have done everything up to ``applied``."""
+        done = max(self.applied, self._history)
         for _pool, member in self.pools():
             if member.pending is None:
-                member.settled = self.applied
+                member.settled = max(member.settled, done)
 
     def _processed(self, gen: int, live: bool) -> None:
         self.applied = gen

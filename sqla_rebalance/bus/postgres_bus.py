@@ -19,6 +19,7 @@ heartbeats through it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +31,8 @@ from psycopg import sql
 from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
 
 __all__ = ["SCHEMA", "PostgresBus"]
+
+log = logging.getLogger("sqla_rebalance.bus")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sqla_rebalance_commands (
@@ -181,9 +184,15 @@ class _PostgresSubscription(Subscription):
         try:
             try:
                 bus.ensure_schema(self._conn)
-            except psycopg.errors.InsufficientPrivilege:
+            except psycopg.errors.InsufficientPrivilege as err:
                 # A listener may be read-only; heartbeats need the table.
                 self._can_heartbeat = False
+                log.warning(
+                    "bus %s: the bus tables are missing and this role cannot create them "
+                    "(%s): no heartbeats, this process will not appear in status",
+                    bus,
+                    err,
+                )
             self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(bus.channel)))
         except psycopg.Error as err:
             self.close()
@@ -242,8 +251,16 @@ class _PostgresSubscription(Subscription):
                 " WHERE channel = %s AND expires_at < now() - interval '1 hour'",
                 (self._bus.channel,),
             )
-        except psycopg.errors.InsufficientPrivilege:
+        except psycopg.errors.InsufficientPrivilege as err:
+            # Commands still arrive; this process is just not visible to
+            # status and --wait.
             self._can_heartbeat = False
+            log.warning(
+                "bus %s: cannot write heartbeats (%s): this process will not appear in "
+                "status or recycle --wait",
+                self._bus,
+                err,
+            )
         except psycopg.Error as err:
             raise self._fail(err) from err
 

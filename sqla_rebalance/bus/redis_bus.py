@@ -5,7 +5,8 @@ Keys, all under the channel name (default ``sqla_rebalance``):
 - ``<channel>:gen``: the current generation;
 - ``<channel>:log``: the last :data:`~.base.LOG_LENGTH` commands, a sorted set
   scored by generation;
-- ``<channel>:hb:<process>``: each live process's heartbeat, with a TTL;
+- ``<channel>:hb:<process>``: each live listener's heartbeat, with a TTL, and
+  ``<channel>:hb``: the set of their names (pruned by readers when one expires);
 - pub/sub channel ``<channel>:commands``: the wake-up hint.
 
 A publish is one ``WATCH``/``MULTI`` transaction (generation, log, publish),
@@ -15,6 +16,7 @@ so publishers never interleave: generations reach every listener in order.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -24,6 +26,8 @@ from redis.client import PubSub
 from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
 
 __all__ = ["RedisBus"]
+
+log = logging.getLogger("sqla_rebalance.bus")
 
 _CONNECT_TIMEOUT = 2.0
 _SOCKET_TIMEOUT = 5.0
@@ -125,6 +129,7 @@ class _RedisSubscription(Subscription):
         self._client = bus.client()
         self._pubsub = _PubSub(self._client.connection_pool, ignore_subscribe_messages=True)
         self._pubsub.owner = self
+        self._can_heartbeat = True
         try:
             self._pubsub.subscribe(channel)
         except redis.RedisError as err:
@@ -164,12 +169,24 @@ class _RedisSubscription(Subscription):
         ]
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+        if not self._can_heartbeat:
+            return
         channel = self._bus.channel
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.set(f"{channel}:hb:{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(f"{channel}:hb", process)
             pipe.execute()
+        except redis.exceptions.NoPermissionError as err:
+            # An ACL without SET/SADD on the heartbeat keys: commands still
+            # arrive; this process is just not visible to status and --wait.
+            self._can_heartbeat = False
+            log.warning(
+                "bus %s: cannot write heartbeats (%s): this process will not appear in "
+                "status or recycle --wait",
+                self._bus,
+                err,
+            )
         except redis.RedisError as err:
             raise self._fail(err) from err
 

@@ -1,0 +1,42 @@
+"""The docs that are generated from the code are up to date, and cover every argument."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+from sqla_rebalance import RebalancingQueuePool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gen_docs():
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_generated_configuration_table_is_current():
+    gen = _gen_docs()
+    text = gen.CONFIG.read_text()
+    assert gen.updated(text) == text, "run: .venv/bin/python scripts/gen_docs.py"
+
+
+def test_every_pool_argument_is_documented():
+    gen = _gen_docs()
+    documented = gen.param_docs(RebalancingQueuePool)
+    own = [
+        name
+        for name, p in inspect.signature(RebalancingQueuePool.__init__).parameters.items()
+        if name not in ("self", "creator", *gen.SQLALCHEMY_NAMES) and p.kind is not p.VAR_KEYWORD
+    ]
+    assert own, "no pool arguments found"
+    assert [name for name in own if name not in documented] == []
+    # ...and each has its own section in the configuration reference.
+    text = gen.CONFIG.read_text()
+    assert [
+        name for name in own if f"### `{name}`" not in text and f"| `{name}` |" not in text
+    ] == []

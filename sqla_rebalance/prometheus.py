@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
 
+from .bus.message import REJECTION_KINDS
 from .pool import RebalancingQueuePool
 from .stats import RETIREMENT_REASONS, PoolStats
 
@@ -156,6 +157,21 @@ def _families(snapshots: list[PoolStats]) -> list[Metric]:
     spares = gauge("spares", "Connections opened ahead to replace in-use ones.", ["pool"])
     retiring = gauge("retiring", "Connections handed over at checkin, being closed.", ["pool"])
     pinned = gauge("pinned", "Connections pinned against recycling.", ["pool"])
+    # Cluster-wide commands (pools with broadcast=; the message counts are the
+    # process's listener's, shared by the pools on one bus).
+    bus_connected = gauge(
+        "bus_connected", "1 while the pool's bus listener is connected.", ["pool"]
+    )
+    bus_generation = gauge(
+        "bus_generation_applied", "Highest command generation the listener processed.", ["pool"]
+    )
+    bus_messages = counter(
+        "bus_messages", "Bus messages, accepted or rejected.", ["pool", "result"]
+    )
+    bus_rejected = counter("bus_rejected", "Rejected bus messages, by kind.", ["pool", "kind"])
+    bus_commands = counter(
+        "bus_commands", "Commands applied to the pool, or coalesced.", ["pool", "outcome"]
+    )
 
     for s in snapshots:
         name = s.pool_name
@@ -174,6 +190,16 @@ def _families(snapshots: list[PoolStats]) -> list[Metric]:
         spares.add_metric([name], s.spares)
         retiring.add_metric([name], s.retiring)
         pinned.add_metric([name], s.pinned)
+        b = s.bus
+        if b.url is not None:
+            bus_connected.add_metric([name], 1.0 if b.connected else 0.0)
+            bus_generation.add_metric([name], b.generation_applied)
+            bus_messages.add_metric([name, "accepted"], b.messages_accepted)
+            bus_messages.add_metric([name, "rejected"], b.messages_rejected)
+            for kind in REJECTION_KINDS:
+                bus_rejected.add_metric([name, kind], b.rejected.get(kind, 0))
+            bus_commands.add_metric([name, "applied"], b.commands_applied)
+            bus_commands.add_metric([name, "coalesced"], b.commands_coalesced)
     return [
         connections,
         opened,
@@ -186,6 +212,11 @@ def _families(snapshots: list[PoolStats]) -> list[Metric]:
         spares,
         retiring,
         pinned,
+        bus_connected,
+        bus_generation,
+        bus_messages,
+        bus_rejected,
+        bus_commands,
     ]
 
 

@@ -256,3 +256,29 @@ def test_without_prometheus_client_the_import_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "sqla_rebalance.prometheus")
     with pytest.raises(ImportError, match=r"pip install sqla-rebalance\[prometheus\]"):
         importlib.import_module("sqla_rebalance.prometheus")
+
+
+def test_bus_figures(made, tmp_path):
+    from sqla_rebalance.bus import send_command
+
+    bus = f"sqlite:///{tmp_path}/bus.db"
+    engine = made(broadcast=bus, broadcast_secret="s", min_recycle_interval=0, min_size=1)
+    plain = made(name="plain", file="plain.db")
+    wait_for(lambda: engine.pool.listener is not None and engine.pool.listener.connected)
+    registry = CollectorRegistry()
+    register(engine, registry)
+    register(plain, registry)
+    sent = send_command(bus, "recycle", pool="orders", secret="s")
+    send_command(bus, "recycle", pool="orders", secret="wrong")
+    wait_for(lambda: engine.pool.stats().bus.messages_rejected == 1)
+    wait_for(lambda: engine.pool.stats().bus.generation_applied == sent.generation)
+    _, samples = scrape(registry)
+    assert value(samples, "bus_connected", pool="orders") == 1.0
+    assert value(samples, "bus_generation_applied", pool="orders") == sent.generation
+    assert value(samples, "bus_messages_total", pool="orders", result="accepted") == 1
+    assert value(samples, "bus_messages_total", pool="orders", result="rejected") == 1
+    assert value(samples, "bus_rejected_total", pool="orders", kind="bad_signature") == 1
+    assert value(samples, "bus_rejected_total", pool="orders", kind="stale") == 0
+    assert value(samples, "bus_commands_total", pool="orders", outcome="applied") == 1
+    # A pool without a bus has no bus series at all.
+    assert matching(samples, "bus_connected", pool="plain") == []

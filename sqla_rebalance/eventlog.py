@@ -13,8 +13,8 @@ that writes to the same table.
 
 How it stays off the request path:
 
-- The signal receivers only append a tuple to a ``deque`` (no lock, no I/O,
-  no allocation beyond the tuple) or count a drop when the buffer is full.
+- The signal receivers only append a tuple to a ``deque`` (no lock, no I/O)
+  or count a drop when the buffer is full.
   They run inside checkin, inside garbage-collector callbacks and in the
   maintenance worker, so they must never block.
 - A background thread per log writes the buffer in batches every
@@ -393,11 +393,12 @@ class EventLog:
                 f"{type(pool).__name__} sends no connection signals: use "
                 "poolclass=RebalancingQueuePool (or AsyncRebalancingQueuePool)"
             )
-        if isinstance(target, Engine) and id(target) not in self._engines:
-            listener = self._disposed_listener()
-            event.listen(target, "engine_disposed", listener)
-            self._engines[id(target)] = (weakref.ref(target), listener)
         if isinstance(target, Engine):
+            known = self._engines.get(id(target))
+            if known is None or known[0]() is not target:  # not yet (or an id reused)
+                listener = self._disposed_listener()
+                event.listen(target, "engine_disposed", listener)
+                self._engines[id(target)] = (weakref.ref(target), listener)
             self._engine_pools[id(target)] = id(pool)
         self._adopt_pool(pool)
         self._ensure_thread()
@@ -406,9 +407,8 @@ class EventLog:
     def flush(self) -> int:
         """Write everything buffered now, in the calling thread; returns events written.
 
-        A batch that fails stays pending for its one retry, which is the next
-        flush (this call or the background thread's next cycle, whichever
-        comes first).
+        A batch that fails stays pending for its one retry: the next flush,
+        whether a later call or the background thread's next cycle.
         """
         if self._closed:
             return 0

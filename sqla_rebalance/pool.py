@@ -1104,6 +1104,8 @@ class RebalancingQueuePool(QueuePool):
             self._close_leftovers()
         finally:
             self._disposing = False
+        if signals.pool_disposed.receivers:
+            signals.pool_disposed.send(self)
 
     def _close_leftovers(self) -> None:
         """Close spares and handed-over records (after dispose)."""

@@ -20,6 +20,8 @@ short and never block in them.
   cluster-wide ``refresh``), before DNS names are re-resolved. No keywords. A
   receiver that keeps the host list elsewhere (a file, a config service) can
   re-read it and call ``sender.set_hosts(...)`` here.
+- ``pool_disposed``: ``pool.dispose()`` finished (its idle connections are
+  closed). No keywords. The connection event log flushes on it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "host_up",
     "hosts_changed",
     "namespace",
+    "pool_disposed",
     "recycle_requested",
     "refresh_requested",
 ]
@@ -50,3 +53,4 @@ recycle_requested = namespace.signal("recycle-requested", doc="A recycle was req
 refresh_requested = namespace.signal(
     "refresh-requested", doc="A refresh was requested: re-read hosts and settings now."
 )
+pool_disposed = namespace.signal("pool-disposed", doc="A pool was disposed.")

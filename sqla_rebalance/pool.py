@@ -378,7 +378,8 @@ class RebalancingQueuePool(QueuePool):
                 self._request_pass()
         self._ensure_registered()
         if signals.connection_opened.receivers:
-            signals.connection_opened.send(
+            signals.emit(
+                signals.connection_opened,
                 self,
                 host=state.host,
                 background=background,
@@ -690,12 +691,12 @@ class RebalancingQueuePool(QueuePool):
             return
         for key in changes.down:
             if signals.host_down.receivers:
-                signals.host_down.send(self, host=key)
+                signals.emit(signals.host_down, self, host=key)
         for key in changes.up:
             if signals.host_up.receivers:
-                signals.host_up.send(self, host=key)
+                signals.emit(signals.host_up, self, host=key)
         if (changes.added or changes.removed) and signals.hosts_changed.receivers:
-            signals.hosts_changed.send(self, added=changes.added, removed=changes.removed)
+            signals.emit(signals.hosts_changed, self, added=changes.added, removed=changes.removed)
         self._rebalance_requested = True
         self._request_pass()
 
@@ -775,7 +776,7 @@ class RebalancingQueuePool(QueuePool):
                 state.retire_reason = reason
             marked += 1
         if signals.recycle_requested.receivers:
-            signals.recycle_requested.send(self, host=host, spread=spread, reason=reason)
+            signals.emit(signals.recycle_requested, self, host=host, spread=spread, reason=reason)
         log.info(
             "pool %s: recycle requested (%s) of %d connections%s over %.1fs",
             self.pool_name,
@@ -820,7 +821,7 @@ class RebalancingQueuePool(QueuePool):
         self._drain_requested = True
         log.info("pool %s: draining %d connections", self.pool_name, count)
         if signals.recycle_requested.receivers:
-            signals.recycle_requested.send(self, host=None, spread=0.0, reason=SIGNAL)
+            signals.emit(signals.recycle_requested, self, host=None, spread=0.0, reason=SIGNAL)
         self._ensure_registered()
         self._request_pass()
         return count
@@ -833,7 +834,7 @@ class RebalancingQueuePool(QueuePool):
         re-resolves every DNS name and re-checks every host at once.
         """
         if signals.refresh_requested.receivers:
-            signals.refresh_requested.send(self)
+            signals.emit(signals.refresh_requested, self)
         hostset = self._hostset
         if hostset is not None and hostset.seeded:
             for host in hostset.hosts():
@@ -1105,7 +1106,7 @@ class RebalancingQueuePool(QueuePool):
         finally:
             self._disposing = False
         if signals.pool_disposed.receivers:
-            signals.pool_disposed.send(self)
+            signals.emit(signals.pool_disposed, self)
 
     def _close_leftovers(self) -> None:
         """Close spares and handed-over records (after dispose)."""
@@ -1578,7 +1579,8 @@ class RebalancingQueuePool(QueuePool):
         self._counters.retired(reason)
         if signals.connection_retired.receivers:
             now = time.time()
-            signals.connection_retired.send(
+            signals.emit(
+                signals.connection_retired,
                 self,
                 host=state.host,
                 reason=reason,

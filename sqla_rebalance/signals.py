@@ -2,7 +2,9 @@
 
 Every signal's sender is the pool. Receivers run in the thread that caused
 the event (a checkout, a checkin, or the maintenance worker), so keep them
-short and never block in them.
+short and never block in them. Accept ``**kwargs``: keywords may be added in
+later releases. A receiver that raises is logged (at most once a minute per
+receiver) and skipped; it never breaks the pool, nor stops other receivers.
 
 - ``connection_opened``: a new DBAPI connection was opened.
   Keyword arguments: ``host``, ``background`` (True if the maintenance worker
@@ -26,11 +28,16 @@ short and never block in them.
 
 from __future__ import annotations
 
-from blinker import Namespace
+import logging
+import time
+from typing import Any
+
+from blinker import Namespace, Signal
 
 __all__ = [
     "connection_opened",
     "connection_retired",
+    "emit",
     "host_down",
     "host_up",
     "hosts_changed",
@@ -54,3 +61,26 @@ refresh_requested = namespace.signal(
     "refresh-requested", doc="A refresh was requested: re-read hosts and settings now."
 )
 pool_disposed = namespace.signal("pool-disposed", doc="A pool was disposed.")
+
+log = logging.getLogger("sqla_rebalance.signals")
+_LOG_EVERY = 60.0
+_last_logged: dict[int, float] = {}
+
+
+def emit(signal: Signal, sender: object, **kwargs: Any) -> None:
+    """Send ``signal``, calling each receiver on its own.
+
+    blinker's ``send`` stops at the first receiver that raises, and the
+    exception would then surface in the pool's checkin or maintenance pass.
+    Here each receiver's failure is logged and the others still run.
+    """
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, **kwargs)
+        except Exception:
+            key = id(receiver)
+            now = time.monotonic()
+            if now - _last_logged.get(key, -_LOG_EVERY) >= _LOG_EVERY:
+                _last_logged[key] = now
+                name = getattr(signal, "name", None) or "a signal"
+                log.exception("a receiver of %s failed: %r", name, receiver)

@@ -19,8 +19,10 @@ def open_fds() -> int:
 
 
 def settle() -> bool:
+    """No worker thread and no bus listener left (an earlier test's may still be exiting)."""
     gc.collect()
-    return get_worker().thread is None
+    listening = [t for t in threading.enumerate() if t.name.startswith("sqla-rebalance-bus")]
+    return get_worker().thread is None and not listening
 
 
 def test_thousand_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):

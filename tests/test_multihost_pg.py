@@ -138,7 +138,7 @@ def test_checkout_fails_over_inside_the_checkout(engines, pg_cluster):
     dead.stop("immediate")
     downs = []
     engine = engines(unhealthy_threshold=2)
-    signals.host_down.connect(lambda pool, host: downs.append(host), weak=False)
+    signals.host_down.connect(lambda pool, host, **kw: downs.append(host), weak=False)
     try:
         # Every checkout opens a connection; none sees the dead host's error.
         fill(engine, 12)
@@ -228,9 +228,7 @@ def test_rebalance_after_set_hosts_moves_the_minimum(engines, pg_cluster, server
     fill(engine, 12)
     assert open_per_host(engine) == {a: 6, b: 6}
     moved = []
-    signals.connection_retired.connect(
-        lambda pool, host, reason, age: moved.append(reason), weak=False
-    )
+    signals.connection_retired.connect(lambda pool, reason, **kw: moved.append(reason), weak=False)
     try:
         engine.pool.set_hosts([a, b, c, d])
         wait_for(lambda: sorted(open_per_host(engine).values()) == [3, 3, 3, 3])

@@ -11,13 +11,13 @@ import random
 import time
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 import sqla_rebalance
 from sqla_rebalance import RebalancingQueuePool, signals
 from sqla_rebalance.lifetime import INFO_KEY, draw_lifetime, schedule_replacements
 
-from .helpers import FakeClock, manual_maintenance
+from .helpers import FakeClock, manual_maintenance, wait_for
 
 R = 100.0  # pool_recycle used below (seconds of fake time)
 
@@ -484,3 +484,31 @@ def test_invalidation_during_connect_still_applies(clock, engine_factory):
     from sqla_rebalance import _sa
 
     assert _sa.is_invalidated(pool, rec)  # as QueuePool would treat it
+
+
+def test_a_failing_signal_receiver_never_breaks_the_pool(tmp_path, caplog):
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/r.db", poolclass=RebalancingQueuePool, pool_size=2, min_size=2
+    )
+    calls: list[str] = []
+
+    def broken(sender, **kw):
+        raise RuntimeError("receiver bug")
+
+    def fine(sender, **kw):
+        calls.append(kw["reason"])
+
+    signals.connection_retired.connect(broken, sender=engine.pool)
+    signals.connection_retired.connect(fine, sender=engine.pool)
+    try:
+        wait_for(lambda: engine.pool.stats().idle == 2)
+        engine.pool.recycle()
+        wait_for(lambda: engine.pool.stats().retirements["manual"] == 2)
+        with engine.connect() as conn:  # the pool still works
+            assert conn.execute(text("select 1")).scalar() == 1
+    finally:
+        signals.connection_retired.disconnect(broken)
+        signals.connection_retired.disconnect(fine)
+        engine.dispose()
+    assert calls[:2] == ["manual", "manual"]  # the other receiver still ran, every time
+    assert any("receiver bug" in r.getMessage() or r.exc_info for r in caplog.records)

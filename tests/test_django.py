@@ -596,3 +596,16 @@ def test_manage_py_needs_the_secret_unless_unsigned(project, monkeypatch):
         with pytest.raises(CommandError, match="applies to recycle only") as err:
             call_command("sqla_rebalance", *args)
         assert err.value.returncode == 2
+
+
+def test_pymysql_stays_one_module_under_django(mariadb_cluster):
+    """PyMySQL installed as MySQLdb must not be loaded twice: Django's backend imports
+    MySQLdb.* submodules, and a second copy would rebind pymysql.err, so that
+    ``except pymysql.err.MySQLError`` (in this process's other code) misses real errors."""
+    from django.db.backends.mysql import base as django_mysql  # noqa: F401
+
+    import sqla_rebalance.contrib.django.backends.mysql.base  # noqa: F401
+
+    server = mariadb_cluster.servers[0]
+    with pytest.raises(pymysql.err.MySQLError):
+        pymysql.connect(host=server.host, port=server.port, user="app", password="wrong")

@@ -20,7 +20,17 @@ if importlib.util.find_spec("MySQLdb") is None:  # pragma: no branch - depends o
     except ImportError:  # pragma: no cover - Django's own error follows
         pass
     else:
+        import sys
+
         pymysql.install_as_MySQLdb()
+        # install_as_MySQLdb() aliases the package only. Django then imports
+        # MySQLdb.constants (and others): Python would load those files a
+        # second time as new modules and rebind pymysql.err & co. to them, so
+        # that ``except pymysql.err.MySQLError`` elsewhere in the process no
+        # longer catches what PyMySQL raises. Alias every submodule as well.
+        for _name, _module in list(sys.modules.items()):
+            if _name.startswith("pymysql."):
+                sys.modules.setdefault("MySQLdb." + _name[len("pymysql.") :], _module)
 
 from django.db.backends.mysql.base import Database
 from django.db.backends.mysql.base import DatabaseWrapper as _DatabaseWrapper

@@ -177,6 +177,10 @@ def parse_hosts(
     return specs
 
 
+#: ``Host.next_check`` of a host to check at the next pass whatever the schedule.
+_CHECK_NOW = -1.0
+
+
 class Host:
     """One address of the cluster, as this pool sees it."""
 
@@ -595,8 +599,17 @@ class HostSet:
             return [
                 h
                 for h in self._hosts.values()
-                if h.next_check <= now and (h.health != UP or self.health_check_interval)
+                if h.next_check <= now
+                and (h.health != UP or self.health_check_interval or h.next_check < 0)
             ]
+
+    def check_all_now(self) -> None:
+        """Check every host at the next pass, even with periodic checks off
+        (``refresh``: a promotion the pool cannot see otherwise). A check
+        resets each host's schedule as usual."""
+        with self._lock:
+            for h in self._hosts.values():
+                h.next_check = _CHECK_NOW
 
     def checked(self, host: Host, now: float) -> None:
         """Push the next check of an up host one interval ahead."""
@@ -610,7 +623,7 @@ class HostSet:
                 (
                     h.next_check
                     for h in self._hosts.values()
-                    if h.health != UP or self.health_check_interval
+                    if h.health != UP or self.health_check_interval or h.next_check < 0
                 ),
                 default=math.inf,
             )

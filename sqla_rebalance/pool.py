@@ -91,6 +91,9 @@ log = logging.getLogger("sqla_rebalance.pool")
 #: Where the bus secret is read from when ``broadcast_secret`` is not given.
 SECRET_ENV = "SQLA_REBALANCE_SECRET"
 
+#: Seconds between create_engine() and the first background prefill.
+_PREFILL_DELAY = 0.1
+
 # Retry delays (s) for background connects that fail: exponential, full jitter.
 _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
@@ -270,6 +273,9 @@ class RebalancingQueuePool(QueuePool):
         # is, by Engine.dispose(), often called at shutdown) waits for its
         # first connection before opening min_size more.
         if self._config.min_size > 0 and not recreated:
+            # A moment's grace: event listeners added right after create_engine()
+            # (a do_connect that supplies the password, say) see the prefill.
+            self._next_due = time.time() + _PREFILL_DELAY
             get_worker().register(self)
         if self._bus is not None and not recreated:
             self._attach_bus()
@@ -837,8 +843,7 @@ class RebalancingQueuePool(QueuePool):
             signals.emit(signals.refresh_requested, self)
         hostset = self._hostset
         if hostset is not None and hostset.seeded:
-            for host in hostset.hosts():
-                host.next_check = 0.0
+            hostset.check_all_now()
             # Resolved by the worker, never in the caller's thread (which may be
             # an event loop, or the bus listener).
             hostset.expire_dns()

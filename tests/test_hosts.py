@@ -281,3 +281,18 @@ def test_plan_reasons():
         hs.failed(a, "x")
         hs.failed(dr, "x")
     assert hs.plan({a: 2, b: 3}) == {}
+
+
+def test_check_all_now_checks_every_host_once_even_without_periodic_checks():
+    clock = FakeClock()
+    hs = make(["10.0.0.1", "10.0.0.2"], clock=clock, health_check_interval=None)
+    for host in hs.hosts():
+        hs.succeeded(host.key, "standby")
+    assert hs.due_checks(clock.now) == []  # no periodic checks
+    hs.check_all_now()
+    assert hs.next_check() < clock.now
+    due = hs.due_checks(clock.now)
+    assert sorted(h.key for h in due) == sorted(h.key for h in hs.hosts())
+    for host in due:  # each checked once: back to no schedule
+        hs.succeeded(host.key, "primary")
+    assert hs.due_checks(clock.now + 3600) == []

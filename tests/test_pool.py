@@ -512,3 +512,22 @@ def test_a_failing_signal_receiver_never_breaks_the_pool(tmp_path, caplog):
         engine.dispose()
     assert calls[:2] == ["manual", "manual"]  # the other receiver still ran, every time
     assert any("receiver bug" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+def test_a_do_connect_listener_added_after_create_engine_sees_the_prefill(tmp_path):
+    from sqlalchemy import event
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/p.db", poolclass=RebalancingQueuePool, pool_size=3, min_size=3
+    )
+    seen: list[str] = []
+
+    @event.listens_for(engine, "do_connect")
+    def provide(dialect, conn_rec, cargs, cparams):
+        seen.append("do_connect")  # where an application would set the current password
+
+    try:
+        wait_for(lambda: engine.pool.stats().idle == 3)
+        assert seen == ["do_connect"] * 3
+    finally:
+        engine.dispose()

@@ -99,8 +99,16 @@ def test_bad_arguments_and_unreachable_bus(tmp_path, monkeypatch, capsys):
     assert main(["status", "--bus", missing]) == 3
 
 
+def heartbeat_open(bus, capsys) -> int:
+    """Open connections of the first pool in this process's latest heartbeat (-1: none)."""
+    assert main(["status", "--bus", bus, "--json"]) == 0
+    procs = json.loads(capsys.readouterr().out)
+    return procs[0]["pools"][0]["open"] if procs else -1
+
+
 def test_status_text_and_json(engine, bus, capsys):
-    wait_for(lambda: main(["status", "--bus", bus, "--json"]) == 0 and capsys.readouterr().out)
+    # The first heartbeat may predate the min_size prefill: wait for one after it.
+    wait_for(lambda: heartbeat_open(bus, capsys) == 2)
     assert main(["status", "--bus", bus, "--json"]) == 0
     (proc,) = json.loads(capsys.readouterr().out)
     assert proc["pid"] == os.getpid()

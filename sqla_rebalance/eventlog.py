@@ -492,21 +492,17 @@ class EventLog:
     ) -> None:
         if not self._watches(sender):
             return
-        buf = self._buffer
-        if len(buf) >= self._buffer_size:
-            next(self._drop_seq)
-            return
-        buf.append(
-            _Event(
-                True, sender.pool_name, connection_id, host, connected_at, background, None, None
-            )
+        event = _Event(
+            True, sender.pool_name, connection_id, host, connected_at, background, None, None
         )
+        if not self._push(event):
+            return
         if self._thread is None:
             # Only after fork (the child has no thread yet). A connect is never
             # inside a GC callback, unlike a close, so starting a thread is
             # safe here; the connect itself costs far more.
             self._ensure_thread()
-        elif len(buf) == self._batch_size:
+        elif len(self._buffer) == self._batch_size:
             self._inbox.put(None)
 
     def _on_retired(
@@ -522,17 +518,20 @@ class EventLog:
     ) -> None:
         if not self._watches(sender):
             return
+        event = _Event(
+            False, sender.pool_name, connection_id, host, connected_at, None, closed_at, reason
+        )
+        if self._push(event) and len(self._buffer) == self._batch_size:
+            self._inbox.put(None)
+
+    def _push(self, event: _Event) -> bool:
+        """Buffer ``event``, or count it as dropped when the buffer is full."""
         buf = self._buffer
         if len(buf) >= self._buffer_size:
             next(self._drop_seq)
-            return
-        buf.append(
-            _Event(
-                False, sender.pool_name, connection_id, host, connected_at, None, closed_at, reason
-            )
-        )
-        if len(buf) == self._batch_size:
-            self._inbox.put(None)
+            return False
+        buf.append(event)
+        return True
 
     def _adopt_pool(self, pool: Pool) -> None:
         key = id(pool)

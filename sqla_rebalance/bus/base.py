@@ -20,6 +20,7 @@ a replay of an old one.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -35,6 +36,8 @@ __all__ = [
     "redact",
     "split_channel",
 ]
+
+log = logging.getLogger("sqla_rebalance.bus")
 
 DEFAULT_CHANNEL = "sqla_rebalance"
 #: Commands kept in the durable log (older ones are trimmed on publish).
@@ -86,6 +89,22 @@ class Subscription(ABC):
     #: Set by transports that reconnect on their own (redis-py does): the
     #: listener then re-reads the durable log, as after its own reconnects.
     reconnected: bool = False
+    #: False once the bus refused a heartbeat write (privileges): not retried.
+    _can_heartbeat: bool = True
+
+    def heartbeats_refused(self, bus: Bus, err: Exception) -> None:
+        """The bus does not let this role write heartbeats: stop trying, say so once.
+
+        Commands still arrive; the process is only invisible to ``status`` and
+        ``recycle --wait``. Not a lost connection, so no reconnect.
+        """
+        self._can_heartbeat = False
+        log.warning(
+            "bus %s: cannot write heartbeats (%s): this process will not appear in "
+            "status or recycle --wait",
+            bus,
+            err,
+        )
 
     @abstractmethod
     def get(self, timeout: float) -> bytes | None:

@@ -179,7 +179,6 @@ class _PostgresSubscription(Subscription):
     def __init__(self, bus: PostgresBus) -> None:
         self._bus = bus
         self._conn = bus.connect("sqla-rebalance-listener")
-        self._can_heartbeat = True
         self._buffer: deque[bytes] = deque()
         try:
             try:
@@ -252,15 +251,7 @@ class _PostgresSubscription(Subscription):
                 (self._bus.channel,),
             )
         except psycopg.errors.InsufficientPrivilege as err:
-            # Commands still arrive; this process is just not visible to
-            # status and --wait.
-            self._can_heartbeat = False
-            log.warning(
-                "bus %s: cannot write heartbeats (%s): this process will not appear in "
-                "status or recycle --wait",
-                self._bus,
-                err,
-            )
+            self.heartbeats_refused(self._bus, err)
         except psycopg.Error as err:
             raise self._fail(err) from err
 

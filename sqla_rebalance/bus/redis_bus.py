@@ -16,7 +16,6 @@ so publishers never interleave: generations reach every listener in order.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -27,7 +26,6 @@ from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_gener
 
 __all__ = ["RedisBus"]
 
-log = logging.getLogger("sqla_rebalance.bus")
 
 _CONNECT_TIMEOUT = 2.0
 _SOCKET_TIMEOUT = 5.0
@@ -129,7 +127,6 @@ class _RedisSubscription(Subscription):
         self._client = bus.client()
         self._pubsub = _PubSub(self._client.connection_pool, ignore_subscribe_messages=True)
         self._pubsub.owner = self
-        self._can_heartbeat = True
         try:
             self._pubsub.subscribe(channel)
         except redis.RedisError as err:
@@ -177,16 +174,8 @@ class _RedisSubscription(Subscription):
             pipe.set(f"{channel}:hb:{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(f"{channel}:hb", process)
             pipe.execute()
-        except redis.exceptions.NoPermissionError as err:
-            # An ACL without SET/SADD on the heartbeat keys: commands still
-            # arrive; this process is just not visible to status and --wait.
-            self._can_heartbeat = False
-            log.warning(
-                "bus %s: cannot write heartbeats (%s): this process will not appear in "
-                "status or recycle --wait",
-                self._bus,
-                err,
-            )
+        except redis.exceptions.NoPermissionError as err:  # an ACL without SET/SADD
+            self.heartbeats_refused(self._bus, err)
         except redis.RedisError as err:
             raise self._fail(err) from err
 

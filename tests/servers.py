@@ -543,6 +543,43 @@ class _ServerProcess:
         self.stop()
         self.start(timeout)
 
+    # ----------------------------------------------------------------- hangs (frozen host)
+
+    _frozen: bool = False
+
+    def freeze(self) -> None:
+        """Stop the server and all its processes with SIGSTOP: a *hung* host.
+
+        The kernel still completes TCP handshakes and ACKs data, but nothing answers:
+        what a frozen VM or a stuck server looks like to a client (a refused connection is
+        :meth:`stop`). The server runs in its own session, so the whole process group
+        (PostgreSQL's postmaster and backends, MariaDB's one process) is stopped.
+        """
+        if self._proc is None or not self.is_running():
+            raise RuntimeError(f"{self.kind} on {self.address} is not running")
+        os.killpg(self._proc.pid, signal.SIGSTOP)
+        self._frozen = True
+
+    def thaw(self) -> None:
+        """Resume a server stopped by :meth:`freeze` (SIGCONT); a no-op otherwise."""
+        if self._frozen and self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGCONT)
+        self._frozen = False
+
+    @property
+    def is_frozen(self) -> bool:
+        return self._frozen
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """``with server.frozen(): ...``: hung for the block, thawed after (even on error)."""
+        self.freeze()
+        try:
+            yield
+        finally:
+            self.thaw()
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return _tail(self.logfile.read_text(errors="replace"), lines)
@@ -621,6 +658,7 @@ class _ServerProcess:
             raise self._start_failure("did not answer in time")
 
     def _signal_stop(self, mode: str) -> None:
+        self.thaw()  # a stopped process would not act on the stop signal
         if mode not in self.stop_signals:
             raise ValueError(f"mode must be one of {', '.join(self.stop_signals)}, not {mode!r}")
         if self.is_running() and self._proc is not None:
@@ -945,7 +983,10 @@ class _Cluster(Generic[ServerT]):
         self._started = True
 
     def ensure_running(self, timeout: float = START_TIMEOUT) -> None:
-        """(Re)start, in parallel, every server that is not running (e.g. a test stopped it)."""
+        """(Re)start, in parallel, every server that is not running (e.g. a test stopped it),
+        and thaw every frozen one."""
+        for server in self.servers:
+            server.thaw()
         if not self._started:
             self.start(timeout)
             return

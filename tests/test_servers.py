@@ -582,3 +582,31 @@ def test_python_m_tests_servers_dns(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_freeze_is_a_hang_not_a_refusal(pg_cluster: PostgresCluster) -> None:
+    """A frozen server accepts TCP connections (the kernel answers) but never replies."""
+    import socket
+
+    psycopg = pytest.importorskip("psycopg")
+    server = pg_cluster.servers[-1]
+    with server.frozen():
+        assert server.is_frozen
+        with socket.create_connection((server.host, server.port), timeout=2):
+            pass  # the handshake completes: not refused
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(server.dsn(), connect_timeout=2)
+        assert time.monotonic() - started >= 1.5  # it waited: no answer, no refusal
+    assert not server.is_frozen
+    with psycopg.connect(server.dsn(), connect_timeout=5) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_frozen_server_is_thawed_by_stop(pg_cluster: PostgresCluster) -> None:
+    server = pg_cluster.servers[-1]
+    server.freeze()
+    server.stop(mode="fast")
+    assert not server.is_running() and not server.is_frozen
+    pg_cluster.ensure_running()
+    assert server.is_running()

@@ -22,8 +22,17 @@ TARGET_ROLES = ("any", "primary", "standby", "prefer-standby")
 DEFAULT_DNS_MIN_REFRESH = 1.0
 DEFAULT_DNS_MAX_REFRESH = 60.0
 #: Seconds between health checks of each host (CockroachDB's guidance is to
-#: notice a failure in under 10 s; a failed connect is noticed at once).
-DEFAULT_HEALTH_CHECK_INTERVAL = 2.0
+#: notice a failure in under 10 s; a failed connect is noticed at once, a
+#: hung host within interval + threshold x timeout: about 4 s by default).
+DEFAULT_HEALTH_CHECK_INTERVAL = 1.0
+#: Seconds a health check (a query on an idle connection, a connect probe),
+#: a role query or a connect may go unanswered before it counts as a host
+#: failure ("deadline exceeded"). A ping on a LAN takes well under a
+#: millisecond; a second without an answer is a host that hangs.
+DEFAULT_HEALTH_CHECK_TIMEOUT = 1.0
+#: The driver's connect timeout for the connections the pool opens, when the
+#: URL and connect_args give none (libpq's default is to wait forever).
+DEFAULT_CONNECT_DEADLINE = 5.0
 DEFAULT_UNHEALTHY_THRESHOLD = 3
 #: Seconds over which a rebalance moves connections (so that a new replica
 #: is not hit by every process's reconnects in the same instant).
@@ -69,6 +78,8 @@ class PoolConfig:
     dns_min_refresh: float = DEFAULT_DNS_MIN_REFRESH
     dns_max_refresh: float = DEFAULT_DNS_MAX_REFRESH
     health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL
+    health_check_timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT
+    connect_deadline: float = DEFAULT_CONNECT_DEADLINE
     unhealthy_threshold: int = DEFAULT_UNHEALTHY_THRESHOLD
     rebalance_spread: float = DEFAULT_REBALANCE_SPREAD
     #: ``broadcast`` as given: a bus URL, a ``Bus`` object, or None.
@@ -96,6 +107,8 @@ class PoolConfig:
         dns_min_refresh: float | None = None,
         dns_max_refresh: float | None = None,
         health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL,
+        health_check_timeout: float | None = None,
+        connect_deadline: float | None = None,
         unhealthy_threshold: int | None = None,
         rebalance_spread: float | None = None,
         broadcast: Any = None,
@@ -172,6 +185,22 @@ class PoolConfig:
                     "health_check_interval must be a positive number of seconds, or None "
                     f"to check only hosts that failed, got {health_check_interval}"
                 )
+        check_timeout = _number(
+            "health_check_timeout",
+            DEFAULT_HEALTH_CHECK_TIMEOUT if health_check_timeout is None else health_check_timeout,
+        )
+        if not 0 < check_timeout <= 3600:
+            raise ConfigurationError(
+                f"health_check_timeout must be > 0 and <= 3600 seconds, got {check_timeout}"
+            )
+        deadline = _number(
+            "connect_deadline",
+            DEFAULT_CONNECT_DEADLINE if connect_deadline is None else connect_deadline,
+        )
+        if not 0 < deadline <= 3600:
+            raise ConfigurationError(
+                f"connect_deadline must be > 0 and <= 3600 seconds, got {deadline}"
+            )
         threshold = _integer(
             "unhealthy_threshold",
             DEFAULT_UNHEALTHY_THRESHOLD if unhealthy_threshold is None else unhealthy_threshold,
@@ -205,6 +234,8 @@ class PoolConfig:
             dns_min_refresh=dns_min,
             dns_max_refresh=dns_max,
             health_check_interval=health_check_interval,
+            health_check_timeout=check_timeout,
+            connect_deadline=deadline,
             unhealthy_threshold=threshold,
             rebalance_spread=spread,
             broadcast=broadcast,

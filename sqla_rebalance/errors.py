@@ -11,6 +11,7 @@ from sqlalchemy import exc
 
 __all__ = [
     "ConfigurationError",
+    "DeadlineExceeded",
     "InsecureBroadcastWarning",
     "NoHostAvailableError",
     "NotPooledError",
@@ -36,6 +37,24 @@ class NoHostAvailableError(RebalanceError):
     When hosts were tried and failed, the last driver error is raised instead,
     so that SQLAlchemy reports it as usual (``OperationalError``).
     """
+
+
+class DeadlineExceeded(RebalanceError, TimeoutError):
+    """A network operation the pool started got no answer in time.
+
+    The host is hung rather than refusing (a frozen server or VM, a network
+    partition): counted as a host failure with the reason ``deadline exceeded``.
+    """
+
+    def __init__(self, what: str, host: str | None, seconds: float) -> None:
+        self.what = what
+        self.host = host
+        self.seconds = seconds
+        where = f" to {host}" if host else ""
+        super().__init__(f"deadline exceeded: {what}{where} got no answer in {seconds:g}s")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None, float]]:
+        return (type(self), (self.what, self.host, self.seconds))
 
 
 class InsecureBroadcastWarning(UserWarning):

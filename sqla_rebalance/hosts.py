@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import TARGET_ROLES
 from .dns import Answer, DnsError, Resolver, refresh_delay
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DeadlineExceeded
 from .stats import HOST_DOWN, HOST_REMOVED, REBALANCE
 
 __all__ = [
@@ -187,6 +187,7 @@ class Host:
     __slots__ = (
         "address",
         "down_since",
+        "failure_reason",
         "failures",
         "health",
         "key",
@@ -215,6 +216,9 @@ class Host:
         self.failures = 0
         self.total_failures = 0
         self.last_error: str | None = None
+        #: Why the host is suspect or down: "deadline exceeded" (it hangs),
+        #: "refused" (nothing listens) or "error"; None while it is up.
+        self.failure_reason: str | None = None
         self.last_failure = 0.0
         self.down_since: float | None = None
         self.next_check = now
@@ -247,11 +251,15 @@ class Changes:
     removed: list[str] = field(default_factory=list)
     up: list[str] = field(default_factory=list)
     down: list[str] = field(default_factory=list)
+    #: Hosts that were up and failed once (not down yet: new connections avoid them).
+    suspect: list[str] = field(default_factory=list)
     #: Hosts whose role changed in a way that matters for ``target_role``.
     roles: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.up or self.down or self.roles)
+        return bool(
+            self.added or self.removed or self.up or self.down or self.roles or self.suspect
+        )
 
 
 class HostSet:
@@ -522,6 +530,7 @@ class HostSet:
             host.total_failures += 1
             host.last_failure = now
             host.last_error = _one_line(error)
+            host.failure_reason = failure_reason(error)
             if host.failures >= self.unhealthy_threshold:
                 if host.health != DOWN:
                     host.health = DOWN
@@ -529,11 +538,17 @@ class HostSet:
                     changes.down.append(key)
                 host.next_check = now + (self.health_check_interval or 2.0)
             else:
+                if host.health == UP:
+                    changes.suspect.append(key)
                 host.health = SUSPECT
                 host.next_check = now + SUSPECT_PROBE_INTERVAL
         if changes.down:
             log.warning(
-                "host %s is down after %d failures: %s", key, host.failures, host.last_error
+                "host %s is down after %d failures (%s): %s",
+                key,
+                host.failures,
+                host.failure_reason,
+                host.last_error,
             )
         return changes
 
@@ -560,6 +575,7 @@ class HostSet:
                 )
             host.health = UP
             host.down_since = None
+            host.failure_reason = None
             interval = self.health_check_interval or math.inf
             if not self.role_fits(host):
                 # Not used by this pool: probed (a connect) only now and then,
@@ -611,6 +627,12 @@ class HostSet:
             for h in self._hosts.values():
                 h.next_check = _CHECK_NOW
 
+    def checking(self, host: Host, until: float) -> None:
+        """A check of ``host`` is in flight: not due again before ``until``
+        (its result reschedules it; a missed deadline counts as a failure)."""
+        with self._lock:
+            host.next_check = max(host.next_check, until)
+
     def checked(self, host: Host, now: float) -> None:
         """Push the next check of an up host one interval ahead."""
         with self._lock:
@@ -650,6 +672,18 @@ class HostSet:
 def _least_loaded(hosts: Sequence[Host], counts: Mapping[str, int]) -> Host:
     fewest = min(counts.get(h.key, 0) for h in hosts)
     return random.choice([h for h in hosts if counts.get(h.key, 0) == fewest])
+
+
+def failure_reason(error: BaseException | str) -> str:
+    """``deadline exceeded`` (a host that hangs), ``refused`` (nothing listens) or ``error``."""
+    if isinstance(error, DeadlineExceeded):
+        return "deadline exceeded"
+    text = str(error).lower()
+    if isinstance(error, ConnectionRefusedError) or "refused" in text:
+        return "refused"
+    if isinstance(error, TimeoutError) or "timeout expired" in text or "timed out" in text:
+        return "deadline exceeded"  # the driver's own connect timeout
+    return "error"
 
 
 def _one_line(error: BaseException | str) -> str:

@@ -143,6 +143,8 @@ PARAMETERS: tuple[UrlParameter, ...] = (
     UrlParameter("rebalance_dns_min_refresh", "dns_min_refresh", _finite),
     UrlParameter("rebalance_dns_max_refresh", "dns_max_refresh", _finite),
     UrlParameter("rebalance_health_check_interval", "health_check_interval", _optional_finite),
+    UrlParameter("rebalance_health_check_timeout", "health_check_timeout", _finite),
+    UrlParameter("rebalance_connect_deadline", "connect_deadline", _finite),
     UrlParameter("rebalance_unhealthy_threshold", "unhealthy_threshold", _integer),
     UrlParameter("rebalance_rebalance_spread", "rebalance_spread", _finite),
     UrlParameter("rebalance_broadcast", "broadcast", _broadcast),

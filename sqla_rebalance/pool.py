@@ -30,6 +30,7 @@ import random
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,10 +48,13 @@ from .bus.listener import Listener
 from .bus.listener import attach as attach_listener
 from .bus.listener import detach as detach_listener
 from .bus.message import Command
+from .checks import HostChecks, abandon_if_unhealthy
 from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
+from .deadlines import Deadline
 from .dns import Resolver
 from .errors import ConfigurationError, InsecureBroadcastWarning, NoHostAvailableError
-from .hosts import STANDBY, UNKNOWN, UP, Changes, Host, HostSet, parse_hosts
+from .executor import Executor
+from .hosts import STANDBY, UNKNOWN, Changes, Host, HostSet, parse_hosts
 from .lifetime import (
     INFO_KEY,
     ConnState,
@@ -98,6 +102,14 @@ _PREFILL_DELAY = 0.1
 _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
 
+#: Background connects of one pool running at once (a pass waits for one at a
+#: time; one it stopped waiting for, on a hung host, may still be running).
+_CONNECT_CAP = 3
+#: A connection whose background connect the pass stopped waiting for, and
+#: that connected later, is used by a later pass within this many seconds,
+#: or closed.
+_FRESH_MAX_AGE = 10.0
+
 
 def _describe_host(dbapi_connection: Any) -> str:
     """``host:port`` of a DBAPI connection, as the driver reports it."""
@@ -111,6 +123,35 @@ def _describe_host(dbapi_connection: Any) -> str:
     if not host or not isinstance(host, str):
         return "local"
     return f"{host}:{port}" if port else host
+
+
+class _Opening:
+    """A background connect the pass waits for, for a bounded time."""
+
+    __slots__ = ("_done", "_lock", "abandoned", "rec")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.rec: ConnectionPoolEntry | None = None
+        self.abandoned = False
+
+    def deliver(self, rec: ConnectionPoolEntry | None) -> bool:
+        """From the connecting thread: False if the pass no longer waits."""
+        with self._lock:
+            if self.abandoned:
+                return False
+            self.rec = rec
+        self._done.set()
+        return True
+
+    def result(self, timeout: float) -> ConnectionPoolEntry | None:
+        """The connection, or None if the connect failed or is not done in time."""
+        self._done.wait(timeout)
+        with self._lock:
+            if not self._done.is_set():
+                self.abandoned = True
+            return self.rec
 
 
 def _checked_in(rec: ConnectionPoolEntry) -> bool:
@@ -148,8 +189,15 @@ class RebalancingQueuePool(QueuePool):
       out, but not more often than this (default 1).
     :param dns_max_refresh: seconds; ... and at least this often (default 60).
     :param health_check_interval: seconds between checks of each host (a
-      query on one of its idle connections; a connect probe for a host that
-      failed). None checks only hosts that failed. Default 2.
+      query on one of its idle connections, or a connect probe when it has
+      none idle or it failed). None checks only hosts that failed. Default 1.
+    :param health_check_timeout: seconds a health check, role query or
+      connect may go unanswered; each such period counts as one failure of
+      the host ("deadline exceeded"), so a host that hangs is suspect after
+      one and down after ``unhealthy_threshold`` of them. Default 1.
+    :param connect_deadline: the driver's connect timeout for connections
+      the pool opens, when the URL or ``connect_args`` set none (libpq would
+      wait forever). Default 5.
     :param unhealthy_threshold: consecutive failures that mark a host down
       (default 3).
     :param rebalance_spread: seconds over which a rebalance moves connections
@@ -192,6 +240,8 @@ class RebalancingQueuePool(QueuePool):
         broadcast: Any = None,
         broadcast_secret: str | bytes | None = None,
         min_recycle_interval: float | None = None,
+        health_check_timeout: float | None = None,
+        connect_deadline: float | None = None,
         **kw: Any,
     ) -> None:
         recreated = kw.pop("_recreated", False)
@@ -210,6 +260,8 @@ class RebalancingQueuePool(QueuePool):
             dns_min_refresh=dns_min_refresh,
             dns_max_refresh=dns_max_refresh,
             health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
+            connect_deadline=connect_deadline,
             unhealthy_threshold=unhealthy_threshold,
             rebalance_spread=rebalance_spread,
             broadcast=broadcast,
@@ -245,8 +297,26 @@ class RebalancingQueuePool(QueuePool):
         self._wake = False
         self._disposed = False
         self._disposing = False
-        self._maint_token: object = None
+        #: Threads (greenlets for asyncio) doing this pool's background work:
+        #: connects made there are not counted as checkouts that waited.
+        self._bg_tokens: set[object] = set()
+        #: This pool's own threads for whatever may block (``executor.py``).
+        self._executor = Executor(f"pool-{self._config.pool_name}")
+        # A pool dropped without dispose() lets its idle threads go at once.
+        weakref.finalize(self, self._executor.close)
+        self._pass_inflight = False
         self._async_inflight = False
+        #: Keys of jobs running in the event loop (asyncio pools), and their tasks.
+        self._async_jobs: set[str] = set()
+        self._async_tasks: set[asyncio.Future[Any]] = set()
+        #: Health checks in flight, each under a deadline.
+        self._checks = HostChecks(self)
+        #: Host changes from missed deadlines, applied by the next pass (signals
+        #: must not run on the worker thread, which serves every pool).
+        self._pending_changes: deque[Changes] = deque()
+        #: Background connects that finished after the pass stopped waiting:
+        #: (when, record), taken by the next connect the pool wants.
+        self._fresh: list[tuple[float, ConnectionPoolEntry]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -256,8 +326,6 @@ class RebalancingQueuePool(QueuePool):
         self._replacing: ConnState | None = None
         #: Connects in progress per host, so that a burst of them spreads out.
         self._connecting: dict[str, int] = {}
-        #: Hosts being probed (one probe per host at a time).
-        self._probing: set[str] = set()
         self._choose_lock = threading.Lock()
         self._rebalance_requested = False
         self._unsteerable_warned = False
@@ -306,6 +374,8 @@ class RebalancingQueuePool(QueuePool):
             dns_min_refresh=c.dns_min_refresh,
             dns_max_refresh=c.dns_max_refresh,
             health_check_interval=c.health_check_interval,
+            health_check_timeout=c.health_check_timeout,
+            connect_deadline=c.connect_deadline,
             unhealthy_threshold=c.unhealthy_threshold,
             rebalance_spread=c.rebalance_spread,
             broadcast=c.broadcast,
@@ -326,7 +396,7 @@ class RebalancingQueuePool(QueuePool):
         original: Callable[[ConnectionPoolEntry], DBAPIConnection],
         rec: ConnectionPoolEntry,
     ) -> DBAPIConnection:
-        background = self._maint_token is not None and self._maint_token == self._token()
+        background = self._token() in self._bg_tokens
         hostset = self._hostset
         if hostset is None:
             try:
@@ -572,27 +642,39 @@ class RebalancingQueuePool(QueuePool):
                         f"target_role={self._config.target_role!r} "
                         f"({'; '.join(rejected) or hostset.describe() or 'no hosts'})"
                     )
-                target = targets.Target(host)
+                target = targets.Target(host, timeout=self._config.connect_deadline)
             else:
-                target = targets.Target(None, seed=self._seed_hosts(hostset, tried))
+                target = targets.Target(
+                    None,
+                    seed=self._seed_hosts(hostset, tried),
+                    timeout=self._config.connect_deadline,
+                )
             token = targets.current_target().set(target)
+            # Watched from the start: a connect to a host that hangs makes it
+            # suspect after health_check_timeout, so other connects avoid it
+            # long before the driver's own timeout ends this one.
+            deadline = self._watch("connect", target.host.key if target.host else None)
             try:
                 dbapi_connection = original(rec)
             except Exception as err:
+                deadline.finish()
                 self._counters.connect_failed()
                 if target.host is None:
                     raise
                 self._release(target.host.key)
                 tried.append(target.host.key)
                 last_error = err
-                self._host_failed(target.host.key, err)
+                if not deadline.expired:  # else already counted, once per timeout
+                    self._host_failed(target.host.key, err)
                 continue
             except BaseException:
+                deadline.finish()
                 if target.host is not None:
                     self._release(target.host.key)
                 raise
             finally:
                 targets.current_target().reset(token)
+            deadline.finish()
             host = target.host
             if not target.applied or host is None:
                 # A custom creator (not the dialect's connect), or a Unix
@@ -618,11 +700,15 @@ class RebalancingQueuePool(QueuePool):
         want = self._config.target_role
         role = None
         if self._adapter is not None and (want != "any" or host.role == UNKNOWN):
+            deadline = self._watch("role query", host.key, dbapi_connection)
             try:
                 role = self._adapter.role(dbapi_connection)
             except Exception as err:
-                self._host_failed(host.key, err)
+                if not deadline.expired:
+                    self._host_failed(host.key, err)
                 return f"{host.key}: role check failed ({err})"
+            finally:
+                deadline.finish()
         self._apply_changes(hostset.succeeded(host.key, role))
         if role is None or want in ("any", role):
             return None
@@ -691,13 +777,24 @@ class RebalancingQueuePool(QueuePool):
         # a few probe intervals, not after three more user requests.
         self._request_pass()
 
+    @staticmethod
+    def _failure_of(hostset: HostSet | None, key: str) -> dict[str, str | None]:
+        host = hostset.get(key) if hostset is not None else None
+        if host is None:
+            return {"reason": None, "error": None}
+        return {"reason": host.failure_reason, "error": host.last_error}
+
     def _apply_changes(self, changes: Changes) -> None:
         """Signals, and a rebalance, after hosts changed (any thread)."""
         if not changes:
             return
+        hostset = self._hostset
+        for key in changes.suspect:
+            if signals.host_suspect.receivers:
+                signals.emit(signals.host_suspect, self, host=key, **self._failure_of(hostset, key))
         for key in changes.down:
             if signals.host_down.receivers:
-                signals.emit(signals.host_down, self, host=key)
+                signals.emit(signals.host_down, self, host=key, **self._failure_of(hostset, key))
         for key in changes.up:
             if signals.host_up.receivers:
                 signals.emit(signals.host_up, self, host=key)
@@ -930,93 +1027,66 @@ class RebalancingQueuePool(QueuePool):
         return marked
 
     def _check_hosts(self, now: float) -> None:
-        """Health checks that are due: a query on an idle connection of each
-        up host (no extra connection, no churn), a connect probe of each host
-        that failed."""
+        """Start the health checks that are due (``checks.py``); never waits."""
+        self._checks.run_due(now)
+
+    # -- blocking work: the pool's own threads (or event loop), under deadlines ----
+    def _watch(self, what: str, host: str | None, conn: Any = None) -> Deadline:
+        """Watch a network operation to ``host`` (see ``deadlines.py``)."""
+        return Deadline(what, host, self._config.health_check_timeout, self._missed, conn)
+
+    def _missed(self, deadline: Deadline) -> None:
+        """A watched operation is still running past its deadline (worker thread:
+        bookkeeping only; the signals follow in this pool's next pass)."""
         hostset = self._hostset
-        if hostset is None:
+        if hostset is None or deadline.host is None:
             return
-        # With one host and any role there is nothing to choose between:
-        # periodic checks would only cost queries.
-        periodic = len(hostset) > 1 or self._config.target_role != "any"
-        for host in hostset.due_checks(now):
-            if host.health != UP or not hostset.role_fits(host):
-                # Failed, or of a role this pool does not use (so it holds no
-                # connection to ping): a connect probe.
-                self._probe(hostset, host)
-            elif periodic:
-                self._ping_idle(hostset, host, now)
-            else:
-                hostset.checked(host, now)
+        err = deadline.error()
+        if deadline.misses == 1:
+            log.warning("pool %s: %s", self.pool_name, err)
+        self._pending_changes.append(hostset.failed(deadline.host, err))
+        self._request_pass()
 
-    def _ping_idle(self, hostset: HostSet, host: Host, now: float) -> None:
-        hostset.checked(host, now)
-        adapter = self._adapter
-        if adapter is None or adapter.standby_sql is None:
-            return
-        for rec in _sa.idle_records(self):
-            state = self._states.get(rec)
-            if state is not None and state.host == host.key and rec.dbapi_connection is not None:
-                break
-        else:
-            return  # nothing idle there: connects will tell if it fails
-        if not _sa.remove_idle(self, rec):
-            return  # checked out meanwhile: in use, so working
-        try:
-            role = adapter.role(rec.dbapi_connection)
-        except Exception as err:
-            # Broken: close it; the pass reconnects its slot in the background.
-            rec.invalidate(err)
-            _sa.queue_pool_return(self, rec)
-            self._host_failed(host.key, err)
-            return
-        _sa.queue_pool_return(self, rec)
-        self._apply_changes(hostset.succeeded(host.key, role))
+    def _spawn(self, key: str, job: Callable[[], object], cap: int = 1) -> bool:
+        """Run ``job`` off the maintenance pass: on this pool's executor, or as a
+        task in the event loop of an asyncio pool. False if ``key`` is busy."""
+        if not self._is_asyncio:
+            return self._executor.submit(key, job, cap)
+        loop = self._loop
+        if loop is None or loop.is_closed() or key in self._async_jobs:
+            return False
+        self._async_jobs.add(key)
 
-    def _probe(self, hostset: HostSet, host: Host) -> None:
-        """Probe a suspect or down host without holding up the worker.
-
-        A sync pool probes in a short-lived thread (one per host at a time):
-        a connect to an unreachable host can hang until its timeout, and the
-        worker serves every pool of the process meanwhile. An asyncio pool
-        probes in its event loop, where the wait is an ``await``.
-        """
-        if self._is_asyncio:
-            self._probe_now(hostset, host)
-            return
-        with self._choose_lock:
-            if host.key in self._probing:
-                return
-            self._probing.add(host.key)
-
-        def run() -> None:
+        async def run() -> None:
             try:
-                self._probe_now(hostset, host)
+                await _sa.greenlet_spawn(job)
+            except BaseException:
+                log.exception("pool %s: %s failed", self.pool_name, key)
             finally:
-                with self._choose_lock:
-                    self._probing.discard(host.key)
+                self._async_jobs.discard(key)
 
-        threading.Thread(target=run, name=f"sqla-rebalance-probe-{host.key}", daemon=True).start()
+        def start() -> None:
+            task = asyncio.ensure_future(run())
+            self._async_tasks.add(task)
+            task.add_done_callback(self._async_tasks.discard)
 
-    def _probe_now(self, hostset: HostSet, host: Host) -> None:
-        """Connect to a suspect or down host, outside the pool, and close again."""
-        interval = self._config.health_check_interval or DEFAULT_HEALTH_CHECK_INTERVAL
-        target = targets.Target(host, probe_timeout=max(1.0, min(5.0, interval)))
-        token = targets.current_target().set(target)
-        conn = None
         try:
-            conn = self._invoke_original(None)
-            role = self._adapter.role(conn) if self._adapter is not None else None
-        except Exception as err:
-            log.debug("pool %s: probe of %s failed: %s", self.pool_name, host.key, err)
-            self._apply_changes(hostset.failed(host.key, err))
-            return
-        finally:
-            targets.current_target().reset(token)
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-        self._apply_changes(hostset.succeeded(host.key, role))
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # loop closed meanwhile
+            self._async_jobs.discard(key)
+            return False
+        return True
+
+    def _return_idle(self, rec: ConnectionPoolEntry) -> None:
+        """Put back a record a check took out of the idle queue (closed if disposed)."""
+        if self._disposed:
+            self._close(rec, DISPOSE)
+        else:
+            _sa.queue_pool_return(self, rec)
+
+    def host_check_in_flight(self, host: str) -> float | None:
+        """Seconds the health check of ``host`` (a key) has been running, or None."""
+        return self._checks.in_flight(host)
 
     def stats(self) -> PoolStats:
         """A consistent-enough snapshot of the pool (cheap; not on the checkout path)."""
@@ -1079,6 +1149,8 @@ class RebalancingQueuePool(QueuePool):
                 address=host.address,
                 health=host.health,
                 last_error=host.last_error,
+                reason=host.failure_reason,
+                check_in_flight=self._checks.in_flight(host.key),
             )
         for key, h in per_host.items():
             if key not in out:  # unmanaged, or removed from the host set
@@ -1100,6 +1172,7 @@ class RebalancingQueuePool(QueuePool):
         """
         self._disposed = True
         get_worker().unregister(self)
+        self._executor.close()
         listener = self.listener
         if listener is not None:
             detach_listener(self, listener)
@@ -1116,6 +1189,7 @@ class RebalancingQueuePool(QueuePool):
     def _close_leftovers(self) -> None:
         """Close spares and handed-over records (after dispose)."""
         self._doomed.clear()
+        self._trim_fresh(time.time())
         while True:
             try:  # checkin may pop concurrently: never test-then-pop
                 spare = self._spares.pop()
@@ -1131,24 +1205,26 @@ class RebalancingQueuePool(QueuePool):
 
     # -- maintenance (runs in the worker thread, or in the event loop) --------
     def _run_maintenance(self) -> None:
-        """Called by the worker when ``_next_due`` has come."""
+        """Called by the worker when ``_next_due`` has come: hand the pass to
+        this pool's own thread (or event loop) and return at once."""
+        # Until the pass says otherwise; written before the in-flight test so
+        # that a pass ending meanwhile is never overwritten.
+        self._next_due = time.time() + MAX_SLEEP
+        if not self._is_asyncio:
+            if self._pass_inflight:
+                return  # the running pass sets _next_due when it ends
+            self._pass_inflight = True
+            if not self._executor.submit("pass", self._pass_job):
+                self._pass_inflight = False
+            return
         hostset = self._hostset
         if hostset is not None and hostset.seeded and hostset.next_dns_refresh() <= time.time():
-            # Here, in the worker thread, even for an asyncio pool: a DNS
-            # lookup blocks, and must not block the event loop.
-            self._apply_changes(hostset.refresh_dns())
-        if not self._is_asyncio:
-            self._wake = False
-            next_due = self._maintain()
-            self._next_due = 0.0 if self._wake else next_due
-            return
+            # A DNS lookup blocks: on this pool's executor, never in the loop.
+            self._executor.submit("dns", self._refresh_dns_job)
         # An asyncio driver can only be used from its event loop: run the
         # pass there, as a greenlet, like SQLAlchemy's own async engine does.
         loop = self._loop
-        if self._async_inflight:
-            return  # the running pass sets _next_due when it ends
-        self._next_due = time.time() + MAX_SLEEP
-        if loop is None or loop.is_closed():
+        if self._async_inflight or loop is None or loop.is_closed():
             return
         self._async_inflight = True
         self._wake = False
@@ -1157,7 +1233,7 @@ class RebalancingQueuePool(QueuePool):
             next_due = time.time() + MAX_SLEEP
             try:
                 next_due = await _sa.greenlet_spawn(self._maintain)
-            except Exception:
+            except BaseException:
                 log.exception("maintenance of pool %s failed", self.pool_name)
             finally:
                 self._next_due = 0.0 if self._wake else next_due
@@ -1169,16 +1245,38 @@ class RebalancingQueuePool(QueuePool):
         except RuntimeError:  # loop closed between the check and the call
             self._async_inflight = False
 
+    def _pass_job(self) -> None:
+        """One maintenance pass of a sync pool, on its own executor thread."""
+        self._wake = False
+        next_due = time.time() + MAX_SLEEP
+        try:
+            self._refresh_dns_job()
+            next_due = self._maintain()
+        except BaseException:  # logged; the next pass comes as usual
+            log.exception("maintenance of pool %s failed", self.pool_name)
+        finally:
+            self._next_due = 0.0 if self._wake else next_due
+            self._pass_inflight = False
+            get_worker().poke()
+
+    def _refresh_dns_job(self) -> None:
+        hostset = self._hostset
+        if hostset is not None and hostset.seeded and hostset.next_dns_refresh() <= time.time():
+            self._apply_changes(hostset.refresh_dns())
+
     def _maintain(self) -> float:
         """One maintenance pass; returns when the next one is due."""
         now = time.time()
         if self._disposed:
             return now + MAX_SLEEP
-        self._maint_token = self._token()
+        token = self._token()
+        self._bg_tokens.add(token)
         try:
+            while self._pending_changes:
+                self._apply_changes(self._pending_changes.popleft())
             return self._maintain_pass(now)
         finally:
-            self._maint_token = None
+            self._bg_tokens.discard(token)
             self._cleanup_if_disposed()
 
     def _cleanup_if_disposed(self) -> None:
@@ -1300,6 +1398,7 @@ class RebalancingQueuePool(QueuePool):
             if not self._open_spare(now):
                 break
         self._trim_spares()
+        self._trim_fresh(now)
 
         # 3. Keep min_size open; close what stayed idle past max_idle.
         self._prefill(now)
@@ -1380,9 +1479,42 @@ class RebalancingQueuePool(QueuePool):
         return max(2, self._config.pool_size // 4)
 
     def _open(self, now: float) -> ConnectionPoolEntry | None:
-        """Open a connection in the background; None (with backoff) on failure."""
+        """Open a connection in the background; None (with backoff) on failure.
+
+        A sync pool connects on an executor thread and waits for it at most
+        ``health_check_timeout``: a connect to a host that hangs must not
+        hold up the rest of the pass. A connect it stopped waiting for that
+        succeeds later is kept for the next pass (``_fresh``).
+        """
+        while self._fresh:
+            _at, rec = self._fresh.pop()
+            if rec.dbapi_connection is not None:
+                return rec
         if now < self._retry_at:
             return None
+        if self._is_asyncio:
+            return self._open_now()  # awaits in the event loop: blocks nothing else
+        opening = _Opening()
+        if not self._executor.submit("connect", lambda: self._open_job(opening), _CONNECT_CAP):
+            return None
+        return opening.result(self._config.health_check_timeout)
+
+    def _open_job(self, opening: _Opening) -> None:
+        token = self._token()
+        self._bg_tokens.add(token)
+        try:
+            rec = self._open_now()
+        finally:
+            self._bg_tokens.discard(token)
+        if not opening.deliver(rec) and rec is not None:
+            # The pass stopped waiting: the next one takes it.
+            if self._disposed:
+                self._close(rec, DISPOSE)
+            else:
+                self._fresh.append((time.time(), rec))
+                self._request_pass()
+
+    def _open_now(self) -> ConnectionPoolEntry | None:
         try:
             rec = _sa.create_record(self)
         except Exception as err:
@@ -1401,6 +1533,17 @@ class RebalancingQueuePool(QueuePool):
             return None
         _sa.ping_at_first_checkout(rec)
         return rec
+
+    def _trim_fresh(self, now: float) -> None:
+        """Close late background connects that no pass wanted for a while."""
+        keep = []
+        while self._fresh:
+            at, rec = self._fresh.pop()
+            if now - at < _FRESH_MAX_AGE and not self._disposed:
+                keep.append((at, rec))
+            else:
+                self._close(rec, IDLE)
+        self._fresh.extend(keep)
 
     def _open_spare(self, now: float, replacing: ConnState | None = None) -> bool:
         self._replacing = replacing
@@ -1512,8 +1655,10 @@ class RebalancingQueuePool(QueuePool):
 
     def _close(self, rec: ConnectionPoolEntry, reason: str) -> None:
         state = state_of(rec)
-        if state is not None and state.reason is None:
-            state.reason = reason
+        if state is not None:
+            if state.reason is None:
+                state.reason = reason
+            abandon_if_unhealthy(self._hostset, state.host, state.dbapi)
         rec.close()
 
     def _shield(self, rec: ConnectionPoolEntry) -> None:
@@ -1554,7 +1699,14 @@ class RebalancingQueuePool(QueuePool):
         self._doomed = {}
         self._connecting = {}
         self._replacing = None
-        self._probing = set()
+        self._bg_tokens = set()
+        self._executor = Executor(f"pool-{self._config.pool_name}")
+        self._pass_inflight = False
+        self._async_jobs = set()
+        self._async_tasks = set()
+        self._checks.after_fork()
+        self._pending_changes = deque()
+        self._fresh = []
         self._choose_lock = threading.Lock()
         if self._hostset is not None:
             self._hostset.after_fork()

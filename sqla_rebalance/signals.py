@@ -14,7 +14,12 @@ receiver) and skipped; it never breaks the pool, nor stops other receivers.
   Keyword arguments: ``host``, ``reason`` (one of
   :data:`sqla_rebalance.stats.RETIREMENT_REASONS`), ``age`` (seconds open),
   ``connection_id``, ``connected_at`` and ``closed_at`` (epoch seconds).
-- ``host_up`` / ``host_down``: a host changed health. Keyword: ``host``.
+- ``host_up`` / ``host_down``: a host changed health. Keyword: ``host``;
+  ``host_down`` also has ``reason`` (``deadline exceeded`` for a host that
+  hangs, ``refused``, or ``error``) and ``error`` (the last error's text).
+- ``host_suspect``: a host that was up failed once (a check or connect got
+  an error or no answer within ``health_check_timeout``): new connections
+  avoid it from now on. Keywords: ``host``, ``reason``, ``error``.
 - ``hosts_changed``: the set of hosts changed. Keywords: ``added``, ``removed``.
 - ``recycle_requested``: ``pool.recycle()`` was called (locally or by a
   cluster-wide command). Keywords: ``host``, ``spread``, ``reason``.
@@ -39,6 +44,7 @@ __all__ = [
     "connection_retired",
     "emit",
     "host_down",
+    "host_suspect",
     "host_up",
     "hosts_changed",
     "namespace",
@@ -55,6 +61,7 @@ connection_retired = namespace.signal(
 )
 host_up = namespace.signal("host-up", doc="A host became healthy.")
 host_down = namespace.signal("host-down", doc="A host was marked down.")
+host_suspect = namespace.signal("host-suspect", doc="A host failed once; avoided for now.")
 hosts_changed = namespace.signal("hosts-changed", doc="The set of hosts changed.")
 recycle_requested = namespace.signal("recycle-requested", doc="A recycle was requested.")
 refresh_requested = namespace.signal(

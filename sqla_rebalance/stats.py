@@ -106,6 +106,11 @@ class HostStats:
     address: str | None = None
     health: str = "up"
     last_error: str | None = None
+    #: Why it is suspect or down: ``deadline exceeded`` (it hangs: no answer
+    #: within ``health_check_timeout``), ``refused`` or ``error``; None when up.
+    reason: str | None = None
+    #: Seconds the host's current health check has been running (None: none is).
+    check_in_flight: float | None = None
 
 
 @dataclass(frozen=True)

@@ -43,21 +43,22 @@ _WRAPPED = "_sqla_rebalance_connect"
 class Target:
     """One connect attempt: where it goes and what it is for."""
 
-    __slots__ = ("applied", "choose", "host", "probe_timeout", "seed")
+    __slots__ = ("applied", "choose", "host", "seed", "timeout")
 
     def __init__(
         self,
         host: Host | None,
         *,
         seed: Callable[[Adapter, tuple[Any, ...], dict[str, Any]], Host | None] | None = None,
-        probe_timeout: float | None = None,
+        timeout: float | None = None,
     ) -> None:
         #: The chosen host; None until ``seed`` has learnt the hosts from the URL.
         self.host = host
         #: Called at the first connect of a pool that has no host list yet.
         self.seed = seed
-        #: For health probes: a connect timeout (s) unless the user set one.
-        self.probe_timeout = probe_timeout
+        #: The driver's connect timeout (s) unless the user set one
+        #: (``connect_deadline``, or the health check timeout for probes).
+        self.timeout = timeout
         #: Set when the connect went through ``dialect.connect`` (not a custom creator).
         self.applied = False
 
@@ -88,7 +89,7 @@ def install(dialect: Dialect) -> None:
         host = target.host
         if host is None:  # hosts not managed (a Unix socket, hostaddr given...)
             return original(*cargs, **cparams)
-        cargs, cparams = adapter.point(cargs, dict(cparams), host, target.probe_timeout)
+        cargs, cparams = adapter.point(cargs, dict(cparams), host, target.timeout)
         return adapter.open(original, cargs, cparams, host)
 
     dialect.connect = connect  # type: ignore[method-assign]
@@ -136,7 +137,7 @@ class Adapter:
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
         host: Host,
-        probe_timeout: float | None,
+        timeout: float | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         cparams["host"] = host.address or host.name
         if host.port is not None:
@@ -183,7 +184,7 @@ class LibpqAdapter(Adapter):
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
         host: Host,
-        probe_timeout: float | None,
+        timeout: float | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         cparams["host"] = host.name
         if host.address is not None and host.address != host.name:
@@ -194,9 +195,9 @@ class LibpqAdapter(Adapter):
             cparams["port"] = str(host.port)
         # One host per connect: libpq's own host shuffling has nothing to do.
         cparams.pop("load_balance_hosts", None)
-        if probe_timeout is not None:
+        if timeout is not None:
             # libpq takes whole seconds and treats values below 2 as 2.
-            cparams.setdefault("connect_timeout", str(max(2, round(probe_timeout))))
+            cparams.setdefault("connect_timeout", str(max(2, round(timeout))))
         return cargs, cparams
 
 
@@ -209,11 +210,11 @@ class AsyncpgAdapter(Adapter):
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
         host: Host,
-        probe_timeout: float | None,
+        timeout: float | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         cargs, cparams = super().point(cargs, cparams, host, None)
-        if probe_timeout is not None:
-            cparams.setdefault("timeout", probe_timeout)
+        if timeout is not None:
+            cparams.setdefault("timeout", timeout)
         return cargs, cparams
 
 
@@ -233,11 +234,11 @@ class MySQLAdapter(Adapter):
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
         host: Host,
-        probe_timeout: float | None,
+        timeout: float | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         cargs, cparams = super().point(cargs, cparams, host, None)
-        if probe_timeout is not None:
-            cparams.setdefault("connect_timeout", probe_timeout)
+        if timeout is not None:
+            cparams.setdefault("connect_timeout", timeout)
         return cargs, cparams
 
 
@@ -249,9 +250,9 @@ class PyMySQLAdapter(MySQLAdapter):
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
         host: Host,
-        probe_timeout: float | None,
+        timeout: float | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        cargs, cparams = super().point(cargs, cparams, host, probe_timeout)
+        cargs, cparams = super().point(cargs, cparams, host, timeout)
         if host.address is not None and host.address != host.name:
             cparams["host"] = host.name
             cparams["defer_connect"] = True
@@ -296,7 +297,7 @@ class SQLiteAdapter(Adapter):
         cargs: tuple[Any, ...],
         cparams: dict[str, Any],
         host: Host,
-        probe_timeout: float | None,
+        timeout: float | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if "database" in cparams:
             cparams["database"] = host.name

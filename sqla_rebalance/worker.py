@@ -6,6 +6,13 @@ again on demand. After ``fork()`` the child starts with no thread and a fresh
 inbox: a thread cannot be inherited, and the child must never touch the
 parent's sockets (see ``RebalancingQueuePool._forget_inherited``).
 
+The worker only decides and dispatches: a pool's ``_run_maintenance`` hands
+its pass to the pool's own threads (``executor.py``) or event loop and
+returns at once, and the timers (:meth:`MaintenanceWorker.call_later`) run
+short callbacks that never block: they mark a network operation that missed
+its deadline (``deadlines.py``). Nothing that waits on the network runs on
+this thread, so a hung host cannot stall another pool.
+
 The inbox is a ``queue.SimpleQueue`` because ``put()`` on it is reentrant:
 it is called from the checkin path, which may run inside a garbage-collector
 callback, where taking a plain ``Lock`` could deadlock.
@@ -14,15 +21,18 @@ callback, where taking a plain ``Lock`` could deadlock.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["MAX_SLEEP", "MaintenanceWorker", "get_worker"]
+__all__ = ["MAX_SLEEP", "MaintenanceWorker", "Timer", "get_worker"]
 
 log = logging.getLogger("sqla_rebalance.worker")
 
@@ -38,13 +48,68 @@ class Maintained(Protocol):
     def _run_maintenance(self) -> None: ...
 
 
+class Timer:
+    """A callback due at a monotonic time; ``cancel()`` makes it a no-op."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], float | None]) -> None:
+        self.when = when
+        #: Returns None, or a delay (s) after which to run it again.
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class MaintenanceWorker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pools: dict[int, weakref.ref[Maintained]] = {}
         self._inbox: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: (monotonic due time, sequence, timer): deadlines of network operations.
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
         self.passes = 0
+
+    # -- timers (any thread, never a GC callback) -------------------------------
+    def call_later(self, delay: float, callback: Callable[[], float | None]) -> Timer:
+        """Run ``callback`` in the worker thread ``delay`` seconds from now.
+
+        The callback must not block (it runs on the thread that serves every
+        pool); it returns None, or a delay after which it runs again.
+        """
+        timer = Timer(time.monotonic() + delay, callback)
+        with self._lock:
+            heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+            self._start_locked()
+        self.poke()
+        return timer
+
+    def _run_timers(self) -> float:
+        """Run the timers that are due; return when the next one is (monotonic)."""
+        while True:
+            with self._lock:
+                if not self._timers:
+                    return float("inf")
+                when, _seq, timer = self._timers[0]
+                if timer.cancelled:
+                    heapq.heappop(self._timers)
+                    continue
+                if when > time.monotonic():
+                    return when
+                heapq.heappop(self._timers)
+            try:
+                again = timer.callback()
+            except BaseException:  # a timer must never end the worker
+                log.exception("sqla-rebalance timer %r failed", timer.callback)
+                again = None
+            if again is not None and not timer.cancelled:
+                timer.when = time.monotonic() + again
+                with self._lock:
+                    heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
 
     # -- registration (never called from a GC callback) ---------------------
     def register(self, pool: Maintained) -> None:
@@ -86,7 +151,7 @@ class MaintenanceWorker:
                 self._start_locked()
 
     def _start_locked(self) -> None:
-        if self._thread is None and self._pools:
+        if self._thread is None and (self._pools or self._timers):
             self._thread = threading.Thread(
                 target=self._run, name="sqla-rebalance-worker", daemon=True
             )
@@ -108,9 +173,11 @@ class MaintenanceWorker:
                 if self._thread is not me:  # replaced after fork; never here in practice
                     return
                 refs = list(self._pools.values())
-                if not refs:
+                if not refs and all(t.cancelled for _when, _seq, t in self._timers):
+                    self._timers.clear()
                     self._thread = None
                     return
+            timers_due = self._run_timers()
             now = time.time()
             wake = now + MAX_SLEEP
             for ref in refs:
@@ -119,14 +186,14 @@ class MaintenanceWorker:
                     continue
                 if pool._next_due <= now:
                     try:
-                        pool._run_maintenance()
-                    except Exception:  # the loop must survive any pool's failure
+                        pool._run_maintenance()  # dispatches; never blocks
+                    except BaseException:  # the loop must survive any pool's failure
                         log.exception("maintenance of %r failed", pool)
                         pool._next_due = time.time() + MAX_SLEEP
                 wake = min(wake, pool._next_due)
                 del pool  # hold no strong reference while sleeping
             self.passes += 1
-            timeout = wake - time.time()
+            timeout = min(wake - time.time(), timers_due - time.monotonic())
             if timeout > 0:
                 with contextlib.suppress(queue.Empty):
                     self._inbox.get(timeout=timeout)

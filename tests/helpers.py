@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sqla_rebalance.executor import Executor
 from sqla_rebalance.worker import MaintenanceWorker
 
 
@@ -25,9 +26,19 @@ class FakeClock:
 
 
 def manual_maintenance(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep pools out of the background worker so a test drives ``_maintain()`` itself."""
+    """Keep pools out of the background worker so a test drives ``_maintain()`` itself.
+
+    The pools' executor jobs (background connects, health checks) run inline, in the
+    test's thread, so that a test sees their effect as soon as ``_maintain()`` returns.
+    """
     monkeypatch.setattr(MaintenanceWorker, "register", lambda self, pool: None)
     monkeypatch.setattr(MaintenanceWorker, "is_registered", lambda self, pool: True)
+    monkeypatch.setattr(Executor, "submit", _run_inline)
+
+
+def _run_inline(self: Executor, key: str, job: Callable[[], object], cap: int = 1) -> bool:
+    job()
+    return True
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:

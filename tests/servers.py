@@ -440,6 +440,29 @@ _live: set[Any] = set()  # servers and clusters with an ``_at_exit()`` method
 _registry_lock = threading.Lock()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = list(children.get(pid, ()))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo.extend(children.get(child, ()))
+    return found
+
+
 def _register(thing: object) -> None:
     with _registry_lock:
         _live.add(thing)
@@ -546,26 +569,37 @@ class _ServerProcess:
     # ----------------------------------------------------------------- hangs (frozen host)
 
     _frozen: bool = False
+    _frozen_pids: list[int] = []  # noqa: RUF012 - replaced, never mutated, per instance
 
     def freeze(self) -> None:
         """Stop the server and all its processes with SIGSTOP: a *hung* host.
 
         The kernel still completes TCP handshakes and ACKs data, but nothing answers:
         what a frozen VM or a stuck server looks like to a client (a refused connection is
-        :meth:`stop`). The server runs in its own session, so the whole process group
-        (PostgreSQL's postmaster and backends, MariaDB's one process) is stopped.
+        :meth:`stop`). The server process and all its descendants (PostgreSQL's postmaster
+        and every backend, MariaDB's one process) are stopped.
         """
         if self._proc is None or not self.is_running():
             raise RuntimeError(f"{self.kind} on {self.address} is not running")
-        os.killpg(self._proc.pid, signal.SIGSTOP)
+        # The parent first, so that it forks no new child meanwhile; then every
+        # descendant (PostgreSQL's backends each call setsid(): a process-group
+        # signal would miss them, and existing sessions would keep answering).
+        os.kill(self._proc.pid, signal.SIGSTOP)
+        self._frozen_pids = [self._proc.pid]
+        for pid in _descendants(self._proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                self._frozen_pids.append(pid)
         self._frozen = True
 
     def thaw(self) -> None:
         """Resume a server stopped by :meth:`freeze` (SIGCONT); a no-op otherwise."""
-        if self._frozen and self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGCONT)
+        if self._frozen:
+            for pid in reversed(self._frozen_pids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         self._frozen = False
+        self._frozen_pids = []
 
     @property
     def is_frozen(self) -> bool:

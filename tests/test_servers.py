@@ -3,11 +3,13 @@ MariaDB, a PostgreSQL primary/standby pair, Redis and a DNS server (dnsmasq)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -588,9 +590,21 @@ def test_freeze_is_a_hang_not_a_refusal(pg_cluster: PostgresCluster) -> None:
     """A frozen server accepts TCP connections (the kernel answers) but never replies."""
     import socket
 
-    psycopg = pytest.importorskip("psycopg")
     server = pg_cluster.servers[-1]
+    session = psycopg.connect(server.dsn(), connect_timeout=5, autocommit=True)
+    session.execute("SELECT 1")
     with server.frozen():
+        # An open session hangs too (each PostgreSQL backend is its own process group).
+        answered = threading.Event()
+
+        def ping() -> None:
+            with contextlib.suppress(Exception):
+                session.execute("SELECT 1")
+                answered.set()
+
+        pinger = threading.Thread(target=ping, daemon=True)
+        pinger.start()
+        assert not answered.wait(1.5)
         assert server.is_frozen
         with socket.create_connection((server.host, server.port), timeout=2):
             pass  # the handshake completes: not refused
@@ -599,6 +613,8 @@ def test_freeze_is_a_hang_not_a_refusal(pg_cluster: PostgresCluster) -> None:
             psycopg.connect(server.dsn(), connect_timeout=2)
         assert time.monotonic() - started >= 1.5  # it waited: no answer, no refusal
     assert not server.is_frozen
+    assert answered.wait(10)  # thawed: the pending query completes
+    session.close()
     with psycopg.connect(server.dsn(), connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 

@@ -224,6 +224,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dns_min_refresh", "dns_min_refresh", _number),
     Setting("dns_max_refresh", "dns_max_refresh", _number),
     Setting("health_check_interval", "health_check_interval", _optional_number, none_is_value=True),
+    Setting("health_check_timeout", "health_check_timeout", _number),
+    Setting("connect_deadline", "connect_deadline", _number),
     Setting("unhealthy_threshold", "unhealthy_threshold", _integer),
     Setting("rebalance_spread", "rebalance_spread", _number),
     Setting("broadcast", "broadcast", _broadcast),

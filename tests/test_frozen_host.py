@@ -189,8 +189,10 @@ def test_a_second_pool_keeps_its_background_replacement(engines, pg_cluster, app
             # Long enough for every connection of the second pool to be replaced once.
             deadline = time.monotonic() + 5
             wait_for(
-                lambda: second.pool.stats().connects >= before.connects + 3
-                and time.monotonic() > deadline,
+                lambda: (
+                    second.pool.stats().connects >= before.connects + 3
+                    and time.monotonic() > deadline
+                ),
                 timeout=20,
             )
         after = second.pool.stats()

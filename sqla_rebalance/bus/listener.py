@@ -309,6 +309,7 @@ class Listener:
         if self.connects > 1:
             log.info("bus %s: reconnected", self.bus)
         self._catch_up(sub)
+        self.last_error = None  # connected and caught up: the old error is history
         sub.reconnected = False
         self._fast_heartbeats_until = time.time() + _FAST_HEARTBEATS
         self._heartbeat(sub)

@@ -144,6 +144,17 @@ def _families(snapshots: list[PoolStats]) -> list[Metric]:
         "host_healthy", "1 unless the host is marked down or removed.", [*ph, "tier", "role"]
     )
     failures = counter("host_failures", "Failed connects and checks of the host.", ph)
+    state = gauge(
+        "host_state",
+        "1 for the host's health (up, suspect, down, removed) and why it failed "
+        "(deadline_exceeded: it hangs; refused; error; none while up).",
+        [*ph, "health", "reason"],
+    )
+    in_flight = gauge(
+        "host_check_in_flight_seconds",
+        "How long the host's current health check has been running (0: none is).",
+        ph,
+    )
     connects = counter("connects", "Connections opened by the pool.", ["pool"])
     connect_failures = counter("connect_failures", "Connects that failed.", ["pool"])
     waited = counter(
@@ -181,6 +192,9 @@ def _families(snapshots: list[PoolStats]) -> list[Metric]:
             opened.add_metric([name, key], h.open)
             healthy.add_metric([name, key, str(h.tier), h.role], 1.0 if h.healthy else 0.0)
             failures.add_metric([name, key], h.failures)
+            reason = (h.reason or "none").replace(" ", "_")
+            state.add_metric([name, key, h.health, reason], 1.0)
+            in_flight.add_metric([name, key], h.check_in_flight or 0.0)
         connects.add_metric([name], s.connects)
         connect_failures.add_metric([name], s.connect_failures)
         waited.add_metric([name], s.checkouts_waited)
@@ -205,6 +219,8 @@ def _families(snapshots: list[PoolStats]) -> list[Metric]:
         opened,
         healthy,
         failures,
+        state,
+        in_flight,
         connects,
         connect_failures,
         waited,

@@ -135,6 +135,12 @@ def test_host_failures_and_health(made, tmp_path):
     [(bad_labels, bad_up)] = matching(s, "host_healthy", **pool, host=bad)
     assert (good_up, bad_up) == (1, 0)
     assert good_labels["tier"] == bad_labels["tier"] == "0"
+    [(good_state, one)] = matching(s, "host_state", **pool, host=good)
+    [(bad_state, also_one)] = matching(s, "host_state", **pool, host=bad)
+    assert one == also_one == 1
+    assert (good_state["health"], good_state["reason"]) == ("up", "none")
+    assert (bad_state["health"], bad_state["reason"]) == ("down", "error")
+    assert value(s, "host_check_in_flight_seconds", **pool, host=good) == 0
 
 
 def test_two_pools_are_told_apart_by_pool_name(made):

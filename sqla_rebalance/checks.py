@@ -25,7 +25,6 @@ hung host is *suspect* after one timeout and *down* after
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     from .pool import RebalancingQueuePool
 
 __all__ = ["HostChecks"]
-
-log = logging.getLogger("sqla_rebalance.pool.checks")
 
 
 class HostChecks:
@@ -128,7 +125,7 @@ class HostChecks:
             else:
                 self._ping(host, rec)
 
-        log.debug(
+        pool.logger.debug(
             "pool %s: %s of %s (%s)",
             pool.pool_name,
             "probe" if rec is None else "ping",
@@ -160,7 +157,7 @@ class HostChecks:
             changes = Changes() if deadline.expired else hostset.failed(host.key, err)
         else:
             self._done(deadline)
-            log.debug(
+            pool.logger.debug(
                 "pool %s: ping of %s answered in %.3fs", pool.pool_name, host.key, deadline.age()
             )
             pool._return_idle(rec)
@@ -190,7 +187,7 @@ class HostChecks:
             deadline.conn = conn  # the role query is watched too
             role = adapter.role(conn) if adapter is not None else None
         except Exception as err:
-            log.debug("pool %s: probe of %s failed: %s", pool.pool_name, host.key, err)
+            pool.logger.debug("pool %s: probe of %s failed: %s", pool.pool_name, host.key, err)
             changes = Changes() if deadline.expired else hostset.failed(host.key, err)
         else:
             changes = hostset.succeeded(host.key, role)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import random
 import threading
@@ -89,8 +88,6 @@ except ImportError:  # pragma: no cover - greenlet is present wherever asyncio p
     _getcurrent = None
 
 __all__ = ["AsyncRebalancingQueuePool", "RebalancingQueuePool"]
-
-log = logging.getLogger("sqla_rebalance.pool")
 
 #: Where the bus secret is read from when ``broadcast_secret`` is not given.
 SECRET_ENV = "SQLA_REBALANCE_SECRET"
@@ -214,6 +211,9 @@ class RebalancingQueuePool(QueuePool):
     """
 
     _is_asyncio = False
+    #: Log under SQLAlchemy's pool logger (``sqlalchemy.pool``, ``echo_pool``),
+    #: as every pool class of SQLAlchemy does, not under this package's name.
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.RebalancingQueuePool"
 
     #: Reasons accepted by :meth:`recycle`.
     recycle_reasons: ClassVar[tuple[str, ...]] = RETIREMENT_REASONS
@@ -510,7 +510,7 @@ class RebalancingQueuePool(QueuePool):
         they were opened after the command was issued, so they are already
         what the command asks for.
         """
-        log.info("pool %s: command %d: %s", self.pool_name, command.gen, command.describe())
+        self.logger.info("pool %s: command %d: %s", self.pool_name, command.gen, command.describe())
         action = command.action
         if action == "recycle":
             self._mark_recycle(command.host, command.spread, SIGNAL, before=cutoff)
@@ -726,7 +726,7 @@ class RebalancingQueuePool(QueuePool):
         if applied or self._unsteerable_warned or self._config.hosts is None:
             return
         self._unsteerable_warned = True
-        log.warning(
+        self.logger.warning(
             "pool %s: hosts= is ignored: connections are made by a custom creator, "
             "not by the dialect's connect",
             self.pool_name,
@@ -771,7 +771,7 @@ class RebalancingQueuePool(QueuePool):
         hostset = self._hostset
         if hostset is None:
             return
-        log.info("pool %s: connect to %s failed: %s", self.pool_name, key, error)
+        self.logger.info("pool %s: connect to %s failed: %s", self.pool_name, key, error)
         self._apply_changes(hostset.failed(key, error))
         # Probe it at once: a host that is really down is marked so within
         # a few probe intervals, not after three more user requests.
@@ -880,7 +880,7 @@ class RebalancingQueuePool(QueuePool):
             marked += 1
         if signals.recycle_requested.receivers:
             signals.emit(signals.recycle_requested, self, host=host, spread=spread, reason=reason)
-        log.info(
+        self.logger.info(
             "pool %s: recycle requested (%s) of %d connections%s over %.1fs",
             self.pool_name,
             reason,
@@ -922,7 +922,7 @@ class RebalancingQueuePool(QueuePool):
         count = sum(1 for s in list(self._states.values()) if not s.closed and not s.pinned)
         self._drained = True
         self._drain_requested = True
-        log.info("pool %s: draining %d connections", self.pool_name, count)
+        self.logger.info("pool %s: draining %d connections", self.pool_name, count)
         if signals.recycle_requested.receivers:
             signals.emit(signals.recycle_requested, self, host=None, spread=0.0, reason=SIGNAL)
         self._ensure_registered()
@@ -1017,7 +1017,7 @@ class RebalancingQueuePool(QueuePool):
                 state.retire_reason = reason
                 marked += 1
         if marked:
-            log.info(
+            self.logger.info(
                 "pool %s: moving %d connections (%s) over %.1fs",
                 self.pool_name,
                 marked,
@@ -1043,7 +1043,7 @@ class RebalancingQueuePool(QueuePool):
             return
         err = deadline.error()
         if deadline.misses == 1:
-            log.warning("pool %s: %s", self.pool_name, err)
+            self.logger.warning("pool %s: %s", self.pool_name, err)
         self._pending_changes.append(hostset.failed(deadline.host, err))
         self._request_pass()
 
@@ -1061,7 +1061,7 @@ class RebalancingQueuePool(QueuePool):
             try:
                 await _sa.greenlet_spawn(job)
             except BaseException:
-                log.exception("pool %s: %s failed", self.pool_name, key)
+                self.logger.exception("pool %s: %s failed", self.pool_name, key)
             finally:
                 self._async_jobs.discard(key)
 
@@ -1234,7 +1234,7 @@ class RebalancingQueuePool(QueuePool):
             try:
                 next_due = await _sa.greenlet_spawn(self._maintain)
             except BaseException:
-                log.exception("maintenance of pool %s failed", self.pool_name)
+                self.logger.exception("maintenance of pool %s failed", self.pool_name)
             finally:
                 self._next_due = 0.0 if self._wake else next_due
                 self._async_inflight = False
@@ -1253,7 +1253,7 @@ class RebalancingQueuePool(QueuePool):
             self._refresh_dns_job()
             next_due = self._maintain()
         except BaseException:  # logged; the next pass comes as usual
-            log.exception("maintenance of pool %s failed", self.pool_name)
+            self.logger.exception("maintenance of pool %s failed", self.pool_name)
         finally:
             self._next_due = 0.0 if self._wake else next_due
             self._pass_inflight = False
@@ -1430,7 +1430,7 @@ class RebalancingQueuePool(QueuePool):
             # connects again (which registers the pool anew).
             get_worker().unregister(self)
         if retired:
-            log.info(
+            self.logger.info(
                 "pool %s: retired %d connections (%s)",
                 self.pool_name,
                 sum(retired.values()),
@@ -1520,7 +1520,7 @@ class RebalancingQueuePool(QueuePool):
         except Exception as err:
             self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
             self._retry_at = time.time() + random.uniform(0, self._backoff)
-            log.warning(
+            self.logger.warning(
                 "pool %s: background connect failed (%s); retrying in up to %.1fs",
                 self.pool_name,
                 err,
@@ -1790,5 +1790,6 @@ class AsyncRebalancingQueuePool(RebalancingQueuePool):
     """
 
     _is_asyncio = True
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.AsyncRebalancingQueuePool"
     _queue_class = sqla_queue.AsyncAdaptedQueue  # type: ignore[assignment]
     _dialect = _AsyncConnDialect()

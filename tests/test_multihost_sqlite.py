@@ -115,7 +115,7 @@ def test_custom_creator_cannot_be_steered(files, caplog):
         creator=lambda: sqlite3.connect(files[0]),
         hosts=files,
     )
-    with caplog.at_level(logging.WARNING, logger="sqla_rebalance.pool"):
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy.pool"):
         engine.connect().close()
     assert "hosts= is ignored" in caplog.text
     assert engine.pool.hostset is None

@@ -531,3 +531,16 @@ def test_a_do_connect_listener_added_after_create_engine_sees_the_prefill(tmp_pa
         assert seen == ["do_connect"] * 3
     finally:
         engine.dispose()
+
+
+def test_the_pool_logs_under_sqlalchemys_pool_logger(engine_factory, caplog):
+    """Drop-in: the ``sqlalchemy.pool`` logger (and ``echo_pool``) sees the pool's own lines."""
+    engine = engine_factory(pool_recycle=R, pool_logging_name="orders")
+    assert engine.pool.logger.name == "sqlalchemy.pool.impl.RebalancingQueuePool.orders"
+    with caplog.at_level("INFO", logger="sqlalchemy.pool"):
+        open_n(engine.pool, 2)
+        engine.pool.recycle(reason="manual")
+    assert any(
+        r.name.startswith("sqlalchemy.pool") and "recycle requested" in r.getMessage()
+        for r in caplog.records
+    )

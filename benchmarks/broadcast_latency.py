@@ -57,9 +57,10 @@ Usage::
 
 ``--quick`` (4 processes, 10 commands, spread 3 s) is the smoke run of
 ``scripts/test.sh``. The script is a report and exits 0; with ``--check`` it
-exits 1 if a target is missed: latency p99 < 100 ms in every variant, every
-(process, command) pair applied exactly once, peak/uniform <= 2, no checkout
-waited for a connect, no error.
+exits 1 if a promise breaks, on any machine: every (process, command) pair
+applied exactly once, no checkout waited for a connect, no error; with
+``--check-timing`` also if a timing target is missed: latency p99 < 100 ms in
+every variant, peak/uniform <= 2.
 """
 
 from __future__ import annotations
@@ -526,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=[*TRANSPORTS, "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="short run for CI smoke tests")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument(
+        "--check-timing",
+        action="store_true",
+        help="with --check, also exit 1 on a missed timing target (noisy on shared machines)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.processes, args.commands, args.spread, args.tail = 4, 10, 3.0, 2
@@ -618,12 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<40}{a:>18}{c:>18}")
     print(f"\nruntime {time.monotonic() - began:.1f} s")
 
-    problems = []
+    problems = []  # promises: any machine
+    slow = []  # timing targets: --check-timing
     for (name, variant), r in latency.items():
         where = f"{name}, {variant}"
         p99 = percentile(r["latencies"], 99) if r["latencies"] else math.inf
         if p99 >= LATENCY_TARGET_MS:
-            problems.append(f"{where}: latency p99 {p99:.1f} ms >= {LATENCY_TARGET_MS:g} ms")
+            slow.append(f"{where}: latency p99 {p99:.1f} ms >= {LATENCY_TARGET_MS:g} ms")
         if r["applied"] != r["expected"] or r["duplicates"] or r["unknown"]:
             problems.append(
                 f"{where}: {r['applied']} / {r['expected']} pairs applied, "
@@ -632,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["errors"] or r["rejected"]:
             problems.append(f"{where}: {len(r['errors'])} errors, {r['rejected']} rejected")
     if not ours["uniform"] or ours["peak"] / ours["uniform"] > SPREAD_TARGET:
-        problems.append(f"spread: peak {ours['peak']} > {SPREAD_TARGET:g} x {ours['uniform']:.1f}")
+        slow.append(f"spread: peak {ours['peak']} > {SPREAD_TARGET:g} x {ours['uniform']:.1f}")
     if ours["waited"]:
         problems.append(f"spread: {ours['waited']} connects inside a checkout")
     if ours["errors"]:
@@ -641,8 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         for err in r["errors"][:MAX_ERRORS_KEPT]:
             print(f"  error: {err}")
     for p in problems:
-        print(f"TARGET MISSED ({OURS}): {p}")
-    return 1 if problems and args.check else 0
+        print(f"CHECK FAILED ({OURS}): {p}")
+    for p in slow:
+        print(f"TIMING TARGET MISSED ({OURS}): {p}")
+    return 1 if args.check and (problems or (slow and args.check_timing)) else 0
 
 
 if __name__ == "__main__":

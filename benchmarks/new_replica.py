@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=10.0, help="seconds watched after")
     parser.add_argument("--quick", action="store_true", help="short run for CI smoke tests")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument(
+        "--check-timing",
+        action="store_true",
+        help="with --check, also exit 1 on a missed timing target (noisy on shared machines)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="  log: %(name)s: %(message)s")
     # SQLAlchemy logs a traceback for each connection it cannot reset after its
@@ -214,16 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.check:
         return 0
     ours = results[OURS]
-    problems = []
-    if ours["reached"] is None or ours["reached"] > TTL + 2.0:
-        problems.append(f"new host's share not reached within TTL + 2 s ({ours['reached']})")
+    problems = []  # promises: any machine
+    slow = []  # timing targets: --check-timing
+    if ours["reached"] is None:
+        problems.append("the new host never got its share")
+    elif ours["reached"] > TTL + 2.0:
+        slow.append(f"new host's share not reached within TTL + 2 s ({ours['reached']})")
     if ours["moved"] > ours["minimum"] + 4:
         problems.append(f"moved {ours['moved']} > minimum {ours['minimum']} + 4")
     if ours["errors"]:
         problems.append(f"{len(ours['errors'])} checkout errors")
     for p in problems:
         print(f"CHECK FAILED: {p}")
-    return 1 if problems else 0
+    for p in slow:
+        print(f"TIMING TARGET MISSED: {p}")
+    return 1 if problems or (slow and args.check_timing) else 0
 
 
 def _spread(counts: dict[str, int], hosts: int) -> str:

@@ -26,8 +26,9 @@ The two pools run one after the other in the same process. Usage::
         [--recycle 10] [--pool queuepool|rebalance|both] [--dsn URL] [--check]
 
 Without ``--dsn`` a 1-instance PostgreSQL cluster is started on 127.0.0.x.
-Exits 0 (it is a report); with ``--check``, 1 if RebalancingQueuePool misses
-its targets (peak <= 2x uniform, no checkout waited, no error).
+Exits 0 (it is a report); with ``--check``, 1 if RebalancingQueuePool breaks a
+promise (a checkout waited for a connect after warm-up, an error); with
+``--check-timing`` also if it misses its timing target (peak <= 2x uniform).
 """
 
 from __future__ import annotations
@@ -299,16 +300,16 @@ def print_reports(reports: list[Report], s: Settings, where: str) -> None:
             )
 
 
-def failures(r: Report) -> list[str]:
-    """Targets of RebalancingQueuePool that this run missed."""
-    missed = []
+def failures(r: Report) -> tuple[list[str], list[str]]:
+    """Promises (any machine) and timing targets of RebalancingQueuePool this run missed."""
+    broken, slow = [], []
     if r.peak > 2 * r.uniform:
-        missed.append(f"peak {r.peak}/s > 2 x uniform {r.uniform:.1f}/s")
+        slow.append(f"peak {r.peak}/s > 2 x uniform {r.uniform:.1f}/s")
     if r.waited:
-        missed.append(f"{r.waited} checkouts waited for a connect after warm-up")
+        broken.append(f"{r.waited} checkouts waited for a connect after warm-up")
     if r.errors:
-        missed.append(f"{r.errors} errors")
-    return missed
+        broken.append(f"{r.errors} errors")
+    return broken, slow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="think-time seed (1)")
     parser.add_argument("--pool", choices=(BASELINE, OURS, "both"), default="both")
     parser.add_argument("--dsn", help="PostgreSQL URL (loopback only); default: start a server")
-    parser.add_argument("--check", action="store_true", help="exit 1 if rebalance misses targets")
+    parser.add_argument("--check", action="store_true", help="exit 1 if rebalance breaks a promise")
+    parser.add_argument(
+        "--check-timing",
+        action="store_true",
+        help="with --check, also exit 1 on a missed timing target (noisy on shared machines)",
+    )
     args = parser.parse_args(argv)
     settings = Settings(
         duration=args.duration,
@@ -343,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f"PostgreSQL at {url.rsplit('@', 1)[-1]}"
     print_reports(reports, settings, where)
 
-    missed = [m for r in reports if r.pool == OURS for m in failures(r)]
-    for m in missed:
-        print(f"TARGET MISSED ({OURS}): {m}")
-    if args.check and missed:
+    broken = [m for r in reports if r.pool == OURS for m in failures(r)[0]]
+    slow = [m for r in reports if r.pool == OURS for m in failures(r)[1]]
+    for m in broken:
+        print(f"CHECK FAILED ({OURS}): {m}")
+    for m in slow:
+        print(f"TIMING TARGET MISSED ({OURS}): {m}")
+    if args.check and (broken or (slow and args.check_timing)):
         return 1
     return 0
 

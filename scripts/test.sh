@@ -41,12 +41,15 @@ pip_install .venv-sa20/bin/python -e ".[test]" "sqlalchemy>=2.0.30,<2.1"
 step "tests (SQLAlchemy $(.venv-sa20/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 .venv-sa20/bin/python -m pytest tests -q
 
-step "benchmark smoke run (figures only; timing is not pass/fail)"
-.venv/bin/python benchmarks/checkout_overhead.py --quick
-.venv/bin/python benchmarks/recycle_storm.py --duration 12
-.venv/bin/python benchmarks/new_replica.py --quick
-.venv/bin/python benchmarks/failover.py --quick
-.venv/bin/python benchmarks/broadcast_latency.py --quick
+step "benchmark smoke run (--check: promises gate CI; timing targets are only printed)"
+# The overhead gate is loose (25 %): ours and QueuePool run side by side in one process,
+# but a shared 2-CPU machine is noisy; the figures and the 5 % target are in docs/benchmarks.md.
+.venv/bin/python benchmarks/checkout_overhead.py --quick --check --max-ratio 1.25
+.venv/bin/python benchmarks/recycle_storm.py --duration 12 --check
+.venv/bin/python benchmarks/new_replica.py --quick --check
+.venv/bin/python benchmarks/failover.py --quick --check
+.venv/bin/python benchmarks/broadcast_latency.py --quick --check
+.venv/bin/python benchmarks/frozen_host.py --quick --check
 
 step "docs"
 .venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"

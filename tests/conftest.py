@@ -34,7 +34,9 @@ Policy for tests that need servers (marked ``servers``, or using a fixture in SE
 
 * ``pytest --no-servers``: they are skipped (a developer machine without the system packages).
 * otherwise a server that cannot start makes them ERROR -- never a silent skip.
-* with ``CI`` set to a true value, ``--no-servers`` is refused: CI always runs everything.
+* with ``CI`` set to a true value, ``--no-servers`` is refused: CI always runs everything,
+  and any skipped test (a missing module behind ``importorskip``, say) is a failure, since
+  CI's environment is the one that must run the whole suite.
 
 Adding a server kind: write a session-scoped fixture that calls ``require_servers(request)``
 first, add its name to SERVER_FIXTURES, and (if tests can break it) register its repair with
@@ -102,6 +104,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.servers)
         if config.getoption("--no-servers") and item.get_closest_marker("servers"):
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On CI a skip is a failure: nothing the listed environment should run may vanish."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and ci_enabled() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped on CI, where every test must run: {reason}"
 
 
 def require_servers(request: pytest.FixtureRequest) -> None:

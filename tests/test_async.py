@@ -77,8 +77,10 @@ def test_worker_maintains_an_async_pool(tmp_path):
                 await conn.execute(text("select 1"))
             await asyncio.sleep(0.02)
         stats = pool.stats()
-        # Most replacements were opened by the worker, in this event loop.
-        assert stats.connects - stats.checkouts_waited >= 3
+        # Only the first checkout connected (an asyncio pool learns its event loop
+        # there); the prefill and every replacement are the worker's, in this loop.
+        assert stats.connects >= 5
+        assert stats.checkouts_waited == 1, stats
         await engine.dispose()
 
     asyncio.run(main())

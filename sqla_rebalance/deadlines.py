@@ -100,6 +100,7 @@ class Deadline:
         """The operation returned (or failed): stop watching it."""
         self.finished = True
         self._timer.cancel()
+        self.conn = None  # a cancelled timer waits in the heap until its time: hold nothing
 
     def _fire(self) -> float | None:
         # Worker thread: local work only.

@@ -48,10 +48,11 @@ def replacement_lead(recycle: float) -> float:
 
     Long enough for the worker to open the replacement (one connect, a few
     milliseconds on a LAN) before SQLAlchemy's own check would recycle the
-    connection inside a checkout; short enough not to distort the drawn
-    lifetime: 2 % of ``pool_recycle``, between 50 ms and 2 s.
+    connection inside a checkout, even when a loaded machine wakes the pool's
+    thread late; short enough not to distort the drawn lifetime: 2 % of
+    ``pool_recycle``, at least 0.2 s (10 % below ``pool_recycle=2``), at most 2 s.
     """
-    return min(2.0, max(0.05, 0.02 * recycle))
+    return min(2.0, max(0.02 * recycle, min(0.2, 0.1 * recycle)))
 
 
 def schedule_replacements(
@@ -84,8 +85,17 @@ class ConnState:
     """What the pool knows of one open DBAPI connection.
 
     Lives in ``record.info[INFO_KEY]`` and in the pool's table of open
-    connections. Written by the connecting thread once, then only by the
-    maintenance worker and ``pin``/``unpin``.
+    connections. Its writers, none of which takes a lock (each field has one
+    kind of writer, or writers whose order does not matter):
+
+    - the connecting thread creates it (a checkout's, or one of the pool's);
+    - the maintenance pass: ``idle_since``, and ``retire_at``/``retire_reason``;
+    - ``recycle()``/``rebalance()`` from any thread (the application's, the bus
+      listener's): ``retire_at``/``retire_reason``, only ever moved earlier;
+    - ``pin``/``unpin`` (the thread holding the connection): ``pinned``;
+    - the pool's ``close`` and ``detach`` event handlers, in whichever thread
+      closes the connection: ``closed``, ``reason``, and ``dbapi`` set to None
+      so that a closed connection is not kept alive by its record's ``info``.
     """
 
     __slots__ = (
@@ -113,6 +123,7 @@ class ConnState:
         deadline: float | None,
     ) -> None:
         self.pool_ref: weakref.ref[RebalancingQueuePool] = weakref.ref(pool)
+        #: The DBAPI connection; None once it is closed.
         #: Numbers the connections of this process (``connection_id`` in signals).
         self.serial = next(_serials)
         self.dbapi = dbapi

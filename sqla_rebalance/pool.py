@@ -99,6 +99,9 @@ _PREFILL_DELAY = 0.1
 _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
 
+#: Longest ``spread`` a recycle may ask for (one day, as for a cluster-wide command).
+_MAX_SPREAD = 86400.0
+
 #: Background connects of one pool running at once (a pass waits for one at a
 #: time; one it stopped waiting for, on a hung host, may still be running).
 _CONNECT_CAP = 3
@@ -855,8 +858,16 @@ class RebalancingQueuePool(QueuePool):
         use. Pinned connections are left alone. ``host`` limits the recycle
         to the connections of one host (as shown in :meth:`stats`).
         """
-        if spread < 0:
-            raise ValueError("spread must be >= 0 seconds")
+        if (
+            isinstance(spread, bool)
+            or not isinstance(spread, (int, float))
+            or not 0.0 <= spread <= _MAX_SPREAD  # False for nan too
+        ):
+            raise ValueError(
+                f"spread must be a number of seconds in [0, {_MAX_SPREAD:g}], got {spread!r}"
+            )
+        if host is not None and (not isinstance(host, str) or not host.strip()):
+            raise ValueError(f"host must be a non-empty host key or name, or None, got {host!r}")
         if reason not in RETIREMENT_REASONS:
             raise ValueError(f"reason must be one of {', '.join(RETIREMENT_REASONS)}")
         return self._mark_recycle(host, spread, reason)
@@ -1517,7 +1528,11 @@ class RebalancingQueuePool(QueuePool):
     def _open_now(self) -> ConnectionPoolEntry | None:
         try:
             rec = _sa.create_record(self)
-        except Exception as err:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # gevent's Timeout, a listener's own exception class...
+            # ...is a failed background connect like any other: backoff, not the end of
+            # this pool's maintenance.
             self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
             self._retry_at = time.time() + random.uniform(0, self._backoff)
             self.logger.warning(
@@ -1734,6 +1749,9 @@ class RebalancingQueuePool(QueuePool):
             else:
                 reason = OVERFLOW  # QueuePool closing an overflow connection at checkin
         self._counters.retired(reason)
+        # The record keeps ``info`` (and this state) until it reconnects, maybe
+        # for long: it must not keep the closed DBAPI connection alive too.
+        state.dbapi = None
         if signals.connection_retired.receivers:
             now = time.time()
             signals.emit(
@@ -1776,6 +1794,7 @@ def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
     state = state_of(rec)
     if state is not None and state.dbapi is dbapi_connection:
         state.closed = True
+        state.dbapi = None
         pool = state.pool_ref()
         if pool is not None and pool._states.get(rec) is state:
             del pool._states[rec]

@@ -61,6 +61,11 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.callback = _cancelled  # it stays in the heap until its time: hold nothing
+
+
+def _cancelled() -> None:
+    return None
 
 
 class MaintenanceWorker:

@@ -55,7 +55,9 @@ def open_n(pool, n):
 
 
 def dbapi_ids(pool):
-    return {id(r.dbapi_connection) for r in pool._states}
+    """The pool's open DBAPI connections, as objects: kept alive by the caller's set, so
+    that a closed one's ``id()`` cannot be reused by a new one."""
+    return {r.dbapi_connection for r in pool._states}
 
 
 def test_lifetimes_are_drawn_in_range():
@@ -208,10 +210,15 @@ def test_recycle_by_host_touches_only_that_host(clock, engine_factory):
 
 def test_recycle_validates_its_arguments(clock, engine_factory):
     pool = engine_factory().pool
-    with pytest.raises(ValueError, match="spread"):
-        pool.recycle(spread=-1)
+    for spread in (-1, float("nan"), float("inf"), 10**400, 86400.5, "5", True):
+        with pytest.raises(ValueError, match="spread"):
+            pool.recycle(spread=spread)
+    for host in ("", "  ", 5):
+        with pytest.raises(ValueError, match="host"):
+            pool.recycle(host=host)
     with pytest.raises(ValueError, match="reason"):
         pool.recycle(reason="because")
+    assert pool.recycle(spread=0) == 0 and pool.recycle(spread=86400) == 0
 
 
 def test_pinned_connection_is_exempt_from_every_recycle(clock, engine_factory):
@@ -544,3 +551,34 @@ def test_the_pool_logs_under_sqlalchemys_pool_logger(engine_factory, caplog):
         r.name.startswith("sqlalchemy.pool") and "recycle requested" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_a_base_exception_from_a_connect_never_stops_maintenance(tmp_path):
+    """A ``connect`` listener raising a BaseException (gevent's Timeout is one) is a failed
+    background connect: retried with backoff; no thread of the pool or the worker dies."""
+    from sqlalchemy import event
+
+    from sqla_rebalance.worker import get_worker
+
+    class Escape(BaseException):
+        pass
+
+    failures = {"left": 3}
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/b.db", poolclass=RebalancingQueuePool, pool_size=3, min_size=3
+    )
+
+    @event.listens_for(engine, "connect")
+    def flaky(dbapi_connection, record):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise Escape
+
+    try:
+        wait_for(lambda: engine.pool.checkedin() == 3, timeout=30)  # retried until filled
+        assert failures["left"] == 0
+        assert get_worker().thread is not None and get_worker().thread.is_alive()
+        engine.pool.recycle()  # maintenance still answers
+        wait_for(lambda: engine.pool.stats().retirements["manual"] == 3, timeout=30)
+    finally:
+        engine.dispose()

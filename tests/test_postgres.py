@@ -279,3 +279,30 @@ def test_pre_ping_checks_connections_opened_in_the_background(pg_cluster):
                 assert conn.execute(text("select 1")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_an_invalidated_connection_is_not_kept_alive_by_the_pool(pg_url, monkeypatch):
+    """The record keeps our state in ``info`` until it reconnects (maybe never, if nothing
+    checks it out): the state must not hold the closed DBAPI connection."""
+    import weakref
+
+    from sqla_rebalance.lifetime import INFO_KEY
+
+    from .helpers import manual_maintenance
+
+    manual_maintenance(monkeypatch)  # no pass may run: the state alone must let go
+    engine = create_engine(pg_url, poolclass=RebalancingQueuePool, pool_size=2)
+    try:
+        conn = engine.connect()
+        conn.execute(text("select 1"))
+        record = conn.connection._connection_record
+        driver = weakref.ref(conn.connection.driver_connection)
+        state = record.info[INFO_KEY]
+        conn.invalidate()
+        conn.close()
+        del conn  # the application lets go of it
+        gc.collect()
+        assert driver() is None  # closed and gone...
+        assert state.closed and state.reason == "error"  # ...though the state is still known
+    finally:
+        engine.dispose()

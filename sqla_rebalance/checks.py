@@ -147,7 +147,7 @@ class HostChecks:
             return
         deadline = self._watch(pool, "health check", host.key, dbapi)
         try:
-            role = adapter.role(dbapi)
+            role = pool._ask_role(host.key, dbapi)
         except Exception as err:
             self._done(deadline)
             # Broken (or abandoned after its deadline): closed here; the pass
@@ -169,7 +169,7 @@ class HostChecks:
         pool = self._pool()
         if pool is None:
             return
-        hostset, adapter = pool._hostset, pool._adapter
+        hostset = pool._hostset
         if hostset is None:
             return
         timeout = pool._config.health_check_timeout
@@ -185,7 +185,7 @@ class HostChecks:
             finally:
                 targets.current_target().reset(token)
             deadline.conn = conn  # the role query is watched too
-            role = adapter.role(conn) if adapter is not None else None
+            role = pool._ask_role(host.key, conn)
         except Exception as err:
             pool.logger.debug("pool %s: probe of %s failed: %s", pool.pool_name, host.key, err)
             changes = Changes() if deadline.expired else hostset.failed(host.key, err)

@@ -329,6 +329,8 @@ class RebalancingQueuePool(QueuePool):
         self._replacing: ConnState | None = None
         #: Connects in progress per host, so that a burst of them spreads out.
         self._connecting: dict[str, int] = {}
+        #: Hosts that cannot answer the role query (see ``_ask_role``).
+        self._role_unanswerable: set[str] = set()
         self._choose_lock = threading.Lock()
         self._rebalance_requested = False
         self._unsteerable_warned = False
@@ -705,7 +707,7 @@ class RebalancingQueuePool(QueuePool):
         if self._adapter is not None and (want != "any" or host.role == UNKNOWN):
             deadline = self._watch("role query", host.key, dbapi_connection)
             try:
-                role = self._adapter.role(dbapi_connection)
+                role = self._ask_role(host.key, dbapi_connection)
             except Exception as err:
                 if not deadline.expired:
                     self._host_failed(host.key, err)
@@ -723,6 +725,37 @@ class RebalancingQueuePool(QueuePool):
                 return None
             return f"{host.key} is a {role}, trying for a standby"
         return f"{host.key} is a {role}"
+
+    def _ask_role(self, key: str, dbapi_connection: Any) -> str | None:
+        """The role of the server behind ``dbapi_connection``; raises if the
+        connection does not work.
+
+        With ``target_role="any"`` the role is only informational: a server
+        that cannot answer the role query (no ``pg_is_in_recovery()`` or
+        ``@@global.read_only``, no right to run it) is used all the same, its
+        role unknown (None), and checked with ``SELECT 1`` from then on.
+        """
+        adapter = self._adapter
+        if adapter is None:
+            return None
+        informational = self._config.target_role == "any"
+        if informational and key in self._role_unanswerable:
+            adapter.alive(dbapi_connection)
+            return None
+        try:
+            return adapter.role(dbapi_connection)
+        except Exception as err:
+            if not informational:
+                raise
+            adapter.alive(dbapi_connection)  # raises: the connection itself is broken
+            self._role_unanswerable.add(key)
+            self.logger.info(
+                "pool %s: %s cannot answer the role query (%s); its role stays unknown",
+                self.pool_name,
+                key,
+                str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+            )
+            return None
 
     def _unsteerable(self, applied: bool) -> None:
         self._hostset = None

@@ -167,6 +167,22 @@ class Adapter:
         dbapi_connection.rollback()
         return STANDBY if row and row[0] and row[0] not in ("0", "OFF") else PRIMARY
 
+    def alive(self, dbapi_connection: Any) -> None:
+        """``SELECT 1`` (after a rollback): raises if the connection does not work.
+
+        For a server that cannot answer the role query (a compatible system or
+        a proxy without ``pg_is_in_recovery()``, a role without the right to
+        run it): with ``target_role="any"`` the role is only informational.
+        """
+        dbapi_connection.rollback()
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()
+
 
 class LibpqAdapter(Adapter):
     """psycopg 3 and psycopg2: libpq keywords, TLS verified against the name."""

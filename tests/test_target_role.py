@@ -4,6 +4,8 @@ connect and again by health checks, so a role change is noticed."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import create_engine, exc, text
 
@@ -95,3 +97,68 @@ def test_promoted_standby_is_noticed_by_health_checks(engines, pg_replica_pair):
     wait_for(lambda: engine.pool.stats().hosts[standby].role == "primary", timeout=10)
     wait_for(lambda: per_host(engine) == {primary: 3, standby: 3}, timeout=10)
     assert engine.pool.stats().retirements["rebalance"] == 3
+
+
+@pytest.fixture
+def no_role_query(pg_cluster):
+    """A database on two servers where the login role may not run ``pg_is_in_recovery()``:
+    what a PostgreSQL-compatible system or proxy without the function looks like."""
+    import psycopg
+
+    servers = pg_cluster.servers[:2]
+    for server in servers:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("DROP DATABASE IF EXISTS norole")
+            admin.execute("DROP ROLE IF EXISTS norole")
+            admin.execute("CREATE ROLE norole LOGIN PASSWORD 'norole' NOSUPERUSER")
+            admin.execute("CREATE DATABASE norole OWNER norole")
+        with psycopg.connect(server.dsn(database="norole"), autocommit=True) as admin:
+            admin.execute("REVOKE EXECUTE ON FUNCTION pg_is_in_recovery() FROM PUBLIC")
+    yield [server.url(user="norole", password="norole", database="norole") for server in servers]
+    for server in servers:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("DROP DATABASE IF EXISTS norole WITH (FORCE)")
+            admin.execute("DROP ROLE IF EXISTS norole")
+
+
+def test_a_server_that_cannot_answer_the_role_query_is_used_with_any_role(
+    pg_cluster, no_role_query
+):
+    hosts = pg_cluster.hosts[:2]
+    engine = create_engine(
+        no_role_query[0],
+        poolclass=RebalancingQueuePool,
+        hosts=hosts,
+        pool_size=4,
+        max_overflow=0,
+        health_check_interval=0.2,
+    )
+    try:
+        # The role is informational: no NoHostAvailableError at connect.
+        with engine.connect() as conn, pytest.raises(Exception, match="permission denied"):
+            conn.execute(text("SELECT pg_is_in_recovery()"))
+        conns = [engine.connect() for _ in range(4)]
+        for conn in conns:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+            conn.close()
+        failures_then = {k: h.failures for k, h in engine.pool.stats().hosts.items()}
+        # A window of five health-check intervals (a sleep measures absence here: no
+        # check may fail in it; each check pings with SELECT 1 now).
+        time.sleep(1.0)
+        stats = engine.pool.stats()
+        for key in hosts:
+            assert (stats.hosts[key].health, stats.hosts[key].role) == ("up", "unknown")
+            assert stats.hosts[key].failures == failures_then[key] == 0
+            assert stats.hosts[key].open == 2
+        wait_for(lambda: engine.pool.stats().connect_failures == 0)
+    finally:
+        engine.dispose()
+    # A role requested: not knowing it is a reason to refuse the host.
+    strict = create_engine(
+        no_role_query[0], poolclass=RebalancingQueuePool, hosts=hosts, target_role="primary"
+    )
+    try:
+        with pytest.raises(Exception, match="role check failed"):
+            strict.connect()
+    finally:
+        strict.dispose()

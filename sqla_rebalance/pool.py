@@ -106,9 +106,9 @@ _MAX_SPREAD = 86400.0
 #: time; one it stopped waiting for, on a hung host, may still be running).
 _CONNECT_CAP = 3
 #: A connection whose background connect the pass stopped waiting for, and
-#: that connected later, is used by a later pass within this many seconds,
-#: or closed.
-_FRESH_MAX_AGE = 10.0
+#: that connected later, is used by the next pass (its arrival requests one)
+#: within this many seconds, or closed: the need for it is gone.
+_FRESH_MAX_AGE = 1.0
 
 
 def _describe_host(dbapi_connection: Any) -> str:
@@ -1587,7 +1587,9 @@ class RebalancingQueuePool(QueuePool):
         keep = []
         while self._fresh:
             at, rec = self._fresh.pop()
-            if now - at < _FRESH_MAX_AGE and not self._disposed:
+            state = state_of(rec)
+            marked = state is not None and state.retire_at is not None  # by a rebalance
+            if now - at < _FRESH_MAX_AGE and not self._disposed and not marked:
                 keep.append((at, rec))
             else:
                 self._close(rec, IDLE)

@@ -303,10 +303,12 @@ def test_twenty_freeze_thaw_cycles_leak_nothing(engines, pg_cluster, app_name):
             with frozen.frozen():
                 wait_for(lambda: health(engine, frozen.address).health == "down", timeout=10)
             wait_for(lambda: health(engine, frozen.address).health == "up", timeout=10)
-        wait_for(lambda: health(engine, frozen.address).open == 2, timeout=10)
-        # The sessions abandoned on the frozen host are gone on the server too.
-        wait_for(lambda: on_frozen_host() == 2, timeout=20)
-        assert engine.pool.stats().open == 4
+        wait_for(lambda: health(engine, frozen.address).open >= 1, timeout=20)  # failed back
+        # No session abandoned on the frozen host is left on the server: what the server
+        # has there is what the pool holds (polled: abandoned sockets close at the thaw).
+        wait_for(lambda: on_frozen_host() == health(engine, frozen.address).open, timeout=30)
+        # A spare may be open for a moment while connections move back (make-before-break).
+        wait_for(lambda: engine.pool.stats().open <= 4, timeout=20)
     finally:
         engine.dispose()
     try:

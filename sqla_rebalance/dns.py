@@ -32,6 +32,10 @@ Rules, in the order :meth:`Resolver.resolve` applies them:
 6. **Without dnspython** (and ``nameservers=None``): ``getaddrinfo`` only,
    ``source="system"``, ``ttl=SYSTEM_TTL``.
 
+One record type failing does not discard the other: a resolver that answers
+A but refuses AAAA (or the reverse) still gives the A records, together with
+the AAAA addresses of the last answer that had them (see ``Resolver.resolve``).
+
 A query never takes longer than the resolver's ``timeout`` in total (both
 record types together); ``getaddrinfo``, which cannot be interrupted, runs in
 a short-lived daemon thread that is abandoned when the time is up. (A
@@ -102,6 +106,11 @@ class Answer:
     ttl: float
     #: ``"dns"`` (dnspython), ``"system"`` (``getaddrinfo``) or ``"literal"``.
     source: _Source
+    #: Record types (``"A"``, ``"AAAA"``) whose query failed while the other one
+    #: answered with records. A failed type contributes the addresses it had in
+    #: the resolver's last answer for the name (none if it never had any);
+    #: ``ttl`` is that of the records that did come back.
+    failed: tuple[str, ...] = ()
 
 
 class DnsError(RebalanceError):
@@ -218,9 +227,32 @@ def _is_localhost(name: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+def _address(text: str) -> str:
+    """One address of an answer, normalised; an IPv4-mapped IPv6 address is the IPv4 one
+    (``::ffff:10.0.0.5`` and ``10.0.0.5`` are one server, not two hosts)."""
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+#: Longest TTL taken as given (RFC 2181 section 8: 2**31 - 1; larger values mean 0).
+_MAX_TTL = 2**31 - 1
+
+
+def _sane_ttl(value: Any) -> float:
+    """A TTL as a number of seconds in ``[0, 2**31 - 1]``: negative, NaN or too large is 0."""
+    ttl = float(value)
+    return ttl if 0 <= ttl <= _MAX_TTL else 0.0
+
+
+#: Names whose last addresses per record type a resolver keeps (see ``Resolver.resolve``).
+_KNOWN_NAMES = 1024
+
+
 def _sorted_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
     """Normalised, de-duplicated, IPv4 before IPv6, numeric order within a family."""
-    parsed = {ipaddress.ip_address(a) for a in addresses}
+    parsed = {ipaddress.ip_address(_address(a)) for a in addresses}
     ordered = sorted(parsed, key=lambda ip: (ip.version, ip.packed, str(ip)))
     return tuple(str(ip) for ip in ordered)
 
@@ -237,9 +269,21 @@ class Resolver:
     Thread-safe: the dnspython resolver is configured here and never changed
     afterwards; each query keeps its state in its own dnspython resolution
     object. (A resolver object passed in must not be reconfigured while in use.)
+    The only state kept between calls is, per name, the last addresses of each
+    record type (for :meth:`resolve`'s one-type-failed rule), under a lock.
     """
 
-    __slots__ = ("_description", "_dns", "_resolver", "_search", "_system_fallback", "_timeout")
+    __slots__ = (
+        "_description",
+        "_dns",
+        "_failing",
+        "_known",
+        "_lock",
+        "_resolver",
+        "_search",
+        "_system_fallback",
+        "_timeout",
+    )
 
     _resolver: dns.resolver.Resolver | None
 
@@ -257,6 +301,11 @@ class Resolver:
         self._resolver = None
         self._search: bool | None = False
         self._system_fallback = False
+        # Per name, the last addresses of each record type (see resolve()), most
+        # recently resolved last; and which (name, type) queries are failing now.
+        self._lock = threading.Lock()
+        self._known: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._failing: set[tuple[str, str]] = set()
         if nameservers is None:
             self._configure_system()
         elif isinstance(nameservers, str):
@@ -340,10 +389,18 @@ class Resolver:
         """All A and AAAA addresses of ``name``; raises :class:`DnsError` if there are none.
 
         Both record types are asked for; one of them having no records is
-        normal. If one query fails (times out, SERVFAIL) the whole call
-        fails rather than returning only the other family: half an answer
-        would silently drop hosts, while an error lets the caller keep the
-        previous, complete one.
+        normal. If the query for one type fails (REFUSED, SERVFAIL, a
+        timeout: some container and corporate resolvers refuse AAAA) while
+        the other answers with records, those records are the answer, plus
+        the addresses the failed type had in this resolver's last answer for
+        the name (so a passing SERVFAIL does not take hosts away); the
+        answer's ``failed`` names the type. Only when no record came back at
+        all does a failure fail the call, leaving the caller its previous
+        answer. A type that answers again (with records or without) replaces
+        what was kept for it; NXDOMAIN or an empty answer forgets the name.
+
+        Raises :class:`DnsError` and nothing else (whatever the nameserver
+        sends back); the answer's TTL is within ``[0, 2**31 - 1]``.
         """
         if not isinstance(name, str) or not name.strip():
             raise DnsError(str(name), "error", f"cannot resolve {name!r}: not a host name")
@@ -369,61 +426,143 @@ class Resolver:
             return answer
 
     def _resolve_dns(self, resolver: dns.resolver.Resolver, name: str, deadline: float) -> Answer:
-        import dns.exception
         import dns.rdatatype
+
+        found: dict[str, tuple[tuple[str, ...], float]] = {}  # type -> (addresses, ttl)
+        failures: dict[str, DnsError] = {}
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            type_name = dns.rdatatype.to_text(rdtype)
+            try:
+                found[type_name] = self._query(resolver, name, rdtype, deadline)
+            except DnsError as exc:
+                if exc.kind == "nxdomain" and not any(a for a, _ in found.values()):
+                    # The name does not exist (for A: no need to ask for AAAA).
+                    self._forget(name)
+                    raise
+                # NXDOMAIN for AAAA after A records (a broken resolver, or the name
+                # removed in between) says nothing the next refresh would not.
+                failures[type_name] = exc
+        fresh = [a for addresses, _ in found.values() for a in addresses]
+        if not fresh:
+            if failures:
+                # Nothing answered with records: nothing to go on, the caller keeps
+                # its previous answer.
+                raise next(iter(failures.values()))
+            self._forget(name)
+            raise DnsError(name, "empty", f"DNS name {name!r} has no A or AAAA records")
+        ttl = min(ttl for addresses, ttl in found.values() if addresses)
+        kept = self._remember(name, {t: a for t, (a, _) in found.items()}, failures)
+        return Answer(_sorted_addresses([*fresh, *kept]), ttl, "dns", tuple(failures))
+
+    def _query(
+        self, resolver: dns.resolver.Resolver, name: str, rdtype: Any, deadline: float
+    ) -> tuple[tuple[str, ...], float]:
+        """The addresses of one record type and their TTL (``inf`` without records).
+
+        Raises :class:`DnsError` (and nothing else) when the query fails.
+        """
+        import dns.exception
         import dns.resolver
 
-        addresses: list[str] = []
-        ttl = math.inf
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DnsError(name, "timeout", self._timeout_message(name, "time was up"))
-            try:
-                answer = resolver.resolve(
-                    name,
-                    rdtype,
-                    search=self._search,
-                    lifetime=remaining,
-                    raise_on_no_answer=False,
-                )
-            except dns.resolver.NXDOMAIN:
-                # The name does not exist at all: no need to ask for the other type.
-                raise DnsError(name, "nxdomain", f"DNS name {name!r} does not exist") from None
-            except dns.resolver.NoAnswer:
-                continue  # NODATA (a resolver object that raises on no answer)
-            except dns.exception.Timeout as exc:
-                detail = _summary(exc.kwargs.get("errors")) or "the DNS operation timed out"
-                raise DnsError(name, "timeout", self._timeout_message(name, detail)) from None
-            except dns.resolver.NoNameservers as exc:
-                errors = exc.kwargs.get("errors") or []
-                # Every server timed out or could not be reached: nobody answered.
-                unreachable = all(
-                    isinstance(e[3], (OSError, EOFError, dns.exception.Timeout)) for e in errors
-                )
-                if errors and unreachable:
-                    raise DnsError(
-                        name, "timeout", self._timeout_message(name, _summary(errors))
-                    ) from None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DnsError(name, "timeout", self._timeout_message(name, "time was up"))
+        try:
+            answer = resolver.resolve(
+                name,
+                rdtype,
+                search=self._search,
+                lifetime=remaining,
+                raise_on_no_answer=False,
+            )
+        except dns.resolver.NXDOMAIN:
+            raise DnsError(name, "nxdomain", f"DNS name {name!r} does not exist") from None
+        except dns.resolver.NoAnswer:
+            return (), math.inf  # NODATA (a resolver object that raises on no answer)
+        except dns.exception.Timeout as exc:
+            detail = _summary(exc.kwargs.get("errors")) or "the DNS operation timed out"
+            raise DnsError(name, "timeout", self._timeout_message(name, detail)) from None
+        except dns.resolver.NoNameservers as exc:
+            errors = exc.kwargs.get("errors") or []
+            # Every server timed out or could not be reached: nobody answered.
+            unreachable = all(
+                isinstance(e[3], (OSError, EOFError, dns.exception.Timeout)) for e in errors
+            )
+            if errors and unreachable:
                 raise DnsError(
-                    name, "error", f"resolving {name!r} failed: {_summary(errors) or exc}"
+                    name, "timeout", self._timeout_message(name, _summary(errors))
                 ) from None
-            except Exception as exc:
-                raise DnsError(
-                    name, "error", f"resolving {name!r} failed: {type(exc).__name__}: {exc}"
-                ) from exc
+            raise DnsError(
+                name, "error", f"resolving {name!r} failed: {_summary(errors) or exc}"
+            ) from None
+        except Exception as exc:
+            raise DnsError(
+                name, "error", f"resolving {name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
             rrset = answer.rrset
             if rrset is None:
-                continue
-            addresses.extend(rdata.address for rdata in rrset)
-            answer_ttl = float(answer.chaining_result.minimum_ttl)  # CNAMEs included
+                return (), math.inf
+            addresses = tuple(_address(rdata.address) for rdata in rrset)
+            ttl = _sane_ttl(answer.chaining_result.minimum_ttl)  # CNAMEs included
             if resolver.cache is not None:
                 # Possibly a cached answer: what it has left, not its original TTL.
-                answer_ttl = min(answer_ttl, max(0.0, answer.expiration - time.time()))
-            ttl = min(ttl, answer_ttl)
-        if not addresses:
-            raise DnsError(name, "empty", f"DNS name {name!r} has no A or AAAA records")
-        return Answer(_sorted_addresses(addresses), ttl, "dns")
+                ttl = min(ttl, _sane_ttl(answer.expiration - time.time()))
+        except Exception as exc:
+            # A malformed answer (from a resolver object, or an address that is none).
+            raise DnsError(
+                name, "error", f"resolving {name!r} gave a malformed answer: {exc!r}"
+            ) from exc
+        return addresses, ttl
+
+    def _remember(
+        self,
+        name: str,
+        answered: dict[str, tuple[str, ...]],
+        failures: dict[str, DnsError],
+    ) -> tuple[str, ...]:
+        """Record what each record type answered; return the last addresses of those that failed.
+
+        A record type whose query failed keeps the addresses it had in this
+        resolver's last answer for ``name`` (none if it never had any): a
+        transient SERVFAIL on AAAA must not take the IPv6 hosts away, and a
+        resolver that always refuses AAAA must not cost the IPv4 ones.
+        """
+        with self._lock:
+            known = self._known.pop(name, None) or {}
+            kept = tuple(a for t in failures for a in known.get(t, ()))
+            newly_failing = [t for t in failures if (name, t) not in self._failing]
+            recovered = [t for t in answered if (name, t) in self._failing]
+            for t in failures:
+                self._failing.add((name, t))
+            for t in recovered:
+                self._failing.discard((name, t))
+            known.update(answered)
+            self._known[name] = known  # now the most recent entry
+            while len(self._known) > _KNOWN_NAMES:
+                oldest = next(iter(self._known))
+                del self._known[oldest]
+                self._failing -= {(oldest, "A"), (oldest, "AAAA")}
+        for t in newly_failing:
+            log.warning(
+                "DNS %s query for %r failed (%s); using the %s records%s until it answers",
+                t,
+                name,
+                failures[t],
+                "/".join(answered),
+                f" and the last {t} addresses ({', '.join(kept)})" if kept else "",
+            )
+        for t in recovered:
+            log.info("DNS %s query for %r answers again", t, name)
+        if failures and not newly_failing:
+            log.debug("DNS %s query for %r failed again", "/".join(failures), name)
+        return kept
+
+    def _forget(self, name: str) -> None:
+        """The name does not exist or has no records: its last addresses are no longer kept."""
+        with self._lock:
+            self._known.pop(name, None)
+            self._failing -= {(name, "A"), (name, "AAAA")}
 
     def _timeout_message(self, name: str, detail: str) -> str:
         return (

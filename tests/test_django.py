@@ -276,7 +276,12 @@ def test_orm_create_query_update_in_transactions(alias):
     assert [i.name for i in items(alias).order_by("name").iterator(chunk_size=1)] == ["a", "b"]
     # Django holds the driver's own connection, not SQLAlchemy's proxy...
     driver = type(connections[alias].connection).__module__
-    assert driver.startswith("psycopg" if alias == "default" else "pymysql"), driver
+    # (on MySQL, mysqlclient when it is installed, else PyMySQL: the driver of the pool)
+    from sqla_rebalance.contrib.django.backends.mysql.base import _DRIVER
+
+    mysql = "pymysql" if _DRIVER == "pymysql" else "MySQLdb"
+    assert driver.startswith("psycopg" if alias == "default" else mysql), driver
+    assert get_pool(alias)._dialect.driver == ("psycopg" if alias == "default" else _DRIVER)
     # ...checked out of this alias's pool.
     pool = get_pool(alias)
     assert isinstance(pool, RebalancingQueuePool)
@@ -305,6 +310,88 @@ def test_errors_roll_back_and_are_djangos_exceptions(alias):
             items(alias).create(name="inner")
             items(alias).create(name="dup")  # rolls back to the savepoint, "inner" with it
     assert sorted(items(alias).values_list("name", flat=True)) == ["dup", "outer"]
+
+
+# --------------------------------------------------------------------------- OPTIONS["pool"]
+
+#: Django configured without the app (nothing validates SQLA_REBALANCE at start-up), on one
+#: PostgreSQL server, with Django's own psycopg pool (``OPTIONS["pool"]``) asked for at once
+#: ("settings") or after the wrapper was made ("changed later"). Prints, as JSON, the error of
+#: the first use of the alias and how many sessions it left on the server.
+NO_APP_SCRIPT = r"""
+import json, sys, time
+import django
+from django.conf import settings
+
+host, port, when, app_name = sys.argv[1:5]
+options = {"application_name": app_name}
+if when == "settings":
+    options["pool"] = {"min_size": 1, "max_size": 1}
+settings.configure(
+    DATABASES={"default": {
+        "ENGINE": "sqla_rebalance.contrib.django.backends.postgresql",
+        "NAME": "app", "USER": "app", "PASSWORD": "app", "HOST": host, "PORT": port,
+        "OPTIONS": options,
+    }},
+    INSTALLED_APPS=[],
+    USE_TZ=True,
+)
+django.setup()
+from django.db import connections
+
+out = {"step": "init"}
+try:
+    conn = connections["default"]
+    out["step"] = "connect"
+    if when == "changed later":
+        conn.settings_dict["OPTIONS"]["pool"] = True
+    conn.ensure_connection()
+    out["error"] = None
+except Exception as exc:
+    out["error"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+time.sleep(0.3)  # a pool's background connect would have shown by now
+import psycopg
+
+with psycopg.connect(
+    host=host, port=port, user="app", password="app", dbname="app", autocommit=True
+) as admin:
+    out["sessions"] = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [app_name]
+    ).fetchone()[0]
+out["psycopg_pool_loaded"] = "psycopg_pool" in sys.modules
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("when", ["settings", "changed later"])
+def test_djangos_pool_option_is_rejected_without_the_app_before_anything_opens(pg_cluster, when):
+    server = pg_cluster.servers[0]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DJTEST_") and k != "DJANGO_SETTINGS_MODULE"
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", NO_APP_SCRIPT, server.host, str(server.port), when, "dj-no-app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # At the backend's creation when the settings say so, before any connection otherwise.
+    assert out["step"] == ("init" if when == "settings" else "connect")
+    assert out["error"] == (
+        "sqla_rebalance.errors.ConfigurationError: DATABASES['default']['OPTIONS']['pool']: "
+        "that is Django's own psycopg pool; the sqla_rebalance backend pools connections "
+        "itself, remove it"
+    )
+    # Django's pool was never made, so it holds no session (it kept one before).
+    assert out["sessions"] == 0
+    assert out["psycopg_pool_loaded"] is False
 
 
 # --------------------------------------------------------------------------- returning to the pool
@@ -383,6 +470,60 @@ def test_closing_inside_atomic_discards_the_connection(alias, pg_cluster, mariad
     assert conn.connection is None
     wait_for(lambda: not session_alive(alias, sid, *servers))
     assert not items(alias).filter(name="in-atomic").exists()
+
+
+def driver_closed(alias: str, driver: Any) -> bool:
+    return bool(driver.closed) if alias == "default" else not driver.open
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_closing_twice_does_not_close_a_connection_already_back_in_the_pool(
+    alias, pg_cluster, mariadb_cluster
+):
+    servers = (pg_cluster.servers[0], mariadb_cluster.servers[0])
+    conn = connections[alias]
+    sid = session_id(alias)
+    driver = conn.connection
+    pool = get_pool(alias)
+    assert not pool._pre_ping  # nothing would hide a closed connection from the next user
+    conn._close()  # back to the pool...
+    assert pool.stats().in_use == 0
+    conn.close()  # ...so this one has nothing left to close
+    conn._close()
+    assert not driver_closed(alias, driver)
+    assert session_alive(alias, sid, *servers)
+    # Its next user gets it working ("the connection is closed" before): check out every
+    # idle connection (the pool may hold others) and use that one.
+    held = [pool.connect() for _ in range(pool.stats().idle)]
+    try:
+        [mine] = [fairy for fairy in held if fairy.driver_connection is driver]
+        cursor = mine.cursor()
+        cursor.execute(SESSION_SQL[conn.vendor])
+        assert cursor.fetchone()[0] == sid
+        cursor.close()
+    finally:
+        for fairy in held:
+            fairy.close()
+    # This wrapper no longer holds it: it checks a connection out again when used.
+    assert conn.connection is None
+    session_id(alias)
+    assert pool.stats().in_use == 1
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_closing_twice_inside_atomic_is_one_discard(alias, pg_cluster, mariadb_cluster):
+    conn = connections[alias]
+    with transaction.atomic(using=alias):
+        session_id(alias)
+        pool = get_pool(alias)
+        retired = pool.stats().retirements["error"]
+        conn._close()  # discarded: Django keeps referring to it until the block exits
+        conn.close()  # nothing more to do (the MySQL drivers raised "Already closed")
+        conn._close()
+        assert pool.stats().retirements["error"] == retired + 1
+    assert conn.connection is None
+    assert pool.stats().in_use == 0
+    session_id(alias)  # a new checkout works
 
 
 def test_changed_connection_settings_replace_the_pool(pg_cluster):

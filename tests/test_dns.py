@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +24,8 @@ from typing import Any
 import dns.exception
 import dns.message
 import dns.name
+import dns.query
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
@@ -146,6 +148,112 @@ def kind_of(resolver: Resolver, name: str) -> str:
         resolver.resolve(name)
     assert info.value.name == name
     return info.value.kind
+
+
+# --------------------------------------------------------------------------- scripted nameserver
+
+#: What a :class:`ScriptedDnsServer` handler returns: a response, raw bytes, or None (no reply).
+Reply = dns.message.Message | bytes | None
+
+
+class ScriptedDnsServer:
+    """A real UDP nameserver on ``127.0.0.1`` (dnspython, in a thread of this process) that
+    answers each query with ``handler(query)``: a response message, raw bytes sent as they
+    are, or None to send nothing. Queries received are recorded in ``queries`` as
+    ``(name, type)``; an exception in the handler is kept in ``errors`` (and no reply sent).
+
+    dnsmasq cannot refuse one record type and serve the other; resolvers in some containers
+    and companies do (REFUSED or SERVFAIL for AAAA). :func:`forwarding` makes this server such a
+    resolver in front of the suite's dnsmasq.
+    """
+
+    def __init__(self, handler: Callable[[dns.message.Message], Reply]) -> None:
+        self.handler = handler
+        self.queries: list[tuple[str, str]] = []
+        self.errors: list[BaseException] = []
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # Free for TCP too: a truncated reply makes dnspython retry over TCP, to be refused.
+            self._sock.bind(("127.0.0.1", find_free_port(["127.0.0.1"], udp=True)))
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="scripted-dns", daemon=True)
+        self._thread.start()
+
+    @property
+    def nameserver(self) -> str:
+        return f"127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                query = dns.message.from_wire(data)
+                question = query.question[0]
+                self.queries.append(
+                    (question.name.to_text(), dns.rdatatype.to_text(question.rdtype))
+                )
+                reply = self.handler(query)
+                if reply is not None:
+                    self._sock.sendto(reply if isinstance(reply, bytes) else reply.to_wire(), peer)
+            except Exception as exc:  # reported by the test through ``errors``
+                self.errors.append(exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> ScriptedDnsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rcode_reply(query: dns.message.Message, rcode: int) -> dns.message.Message:
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    return reply
+
+
+def forwarding(upstream: str, fail: dict[str, int]) -> Callable[[dns.message.Message], Reply]:
+    """A handler that forwards every query to ``upstream`` (``"ip:port"``) and passes its
+    reply back, except queries for the record types in ``fail`` (``{"AAAA": REFUSED}``,
+    read at each query, so a test may change it): answered at once with that rcode."""
+    address, port = parse_nameserver(upstream)
+
+    def handle(query: dns.message.Message) -> Reply:
+        rdtype = dns.rdatatype.to_text(query.question[0].rdtype)
+        if rdtype in fail:
+            return rcode_reply(query, fail[rdtype])
+        return dns.query.udp(query, address, port=port, timeout=2.0)
+
+    return handle
+
+
+class DnsFront(ScriptedDnsServer):
+    """A resolver in front of dnsmasq that fails the record types in ``fail``."""
+
+    def __init__(self, upstream: str) -> None:
+        self.fail: dict[str, int] = {}
+        super().__init__(forwarding(upstream, self.fail))
+
+
+@pytest.fixture
+def dns_front(dns_server: Any) -> Iterator[DnsFront]:
+    """A :class:`DnsFront` of ``dns_server``; ``dns_front.fail["AAAA"] = dns.rcode.REFUSED``."""
+    with DnsFront(dns_server.nameserver) as front:
+        yield front
+    assert not front.errors
 
 
 # --------------------------------------------------------------------------- literals
@@ -449,12 +557,172 @@ def test_lifetime_timeout_is_timeout() -> None:
     assert info.value.kind == "timeout"
 
 
-def test_half_an_answer_is_not_returned() -> None:
-    # A answered but AAAA timed out: an error, so the caller keeps its complete answer
-    # rather than silently dropping the IPv6 hosts.
+def refused(*, rcode: str = "REFUSED") -> dns.resolver.NoNameservers:
+    """What dnspython raises when every nameserver answered ``rcode``."""
+    return no_nameservers(rcode)
+
+
+ONE_TYPE_FAILURES: dict[str, Callable[[], BaseException]] = {
+    "REFUSED": refused,
+    "SERVFAIL": lambda: refused(rcode="SERVFAIL"),
+    "NOTIMP": lambda: refused(rcode="NOTIMP"),
+    "timeout": lifetime_timeout,
+    "unreachable": lambda: no_nameservers(ConnectionRefusedError(111, "refused")),
+    "bug": lambda: ValueError("boom"),
+}
+
+
+@pytest.mark.parametrize("failure", list(ONE_TYPE_FAILURES))
+@pytest.mark.parametrize(
+    ("failing", "answering", "address"), [("AAAA", "A", "10.0.0.1"), ("A", "AAAA", "2001:db8::1")]
+)
+def test_one_record_type_failing_does_not_discard_the_other(
+    failure: str, failing: str, answering: str, address: str
+) -> None:
+    # Resolvers in some containers and companies answer A but refuse AAAA (or the reverse).
     name = "db.example."
-    fake = FakeResolver({"A": make_answer(name, "A", ["10.0.0.1"]), "AAAA": lifetime_timeout()})
-    assert kind_of(Resolver(fake), name) == "timeout"
+    fake = FakeResolver(
+        {
+            answering: make_answer(name, answering, [address], ttl=40),
+            failing: ONE_TYPE_FAILURES[failure](),
+        }
+    )
+    answer = Resolver(fake).resolve(name)
+    assert answer == Answer((address,), 40.0, "dns", (failing,))
+    assert len(fake.calls) == 2
+
+
+def test_a_failing_type_keeps_its_last_addresses_until_it_answers_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = "db.example."
+    both = {
+        "A": make_answer(name, "A", ["10.0.0.1"], ttl=30),
+        "AAAA": make_answer(name, "AAAA", ["2001:db8::1"], ttl=30),
+    }
+    fake = FakeResolver(dict(both))
+    resolver = Resolver(fake)
+    assert resolver.resolve(name).addresses == ("10.0.0.1", "2001:db8::1")
+    # A passing SERVFAIL on AAAA: the IPv6 host is not taken away, the A records are fresh.
+    fake.outcomes["AAAA"] = refused(rcode="SERVFAIL")
+    fake.outcomes["A"] = make_answer(name, "A", ["10.0.0.2"], ttl=20)
+    with caplog.at_level("DEBUG", logger="sqla_rebalance.dns"):
+        first = resolver.resolve(name)
+        second = resolver.resolve(name)
+    assert first == second == Answer(("10.0.0.2", "2001:db8::1"), 20.0, "dns", ("AAAA",))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # once per failing spell, not per refresh
+    assert "AAAA query for 'db.example.' failed" in warnings[0].getMessage()
+    assert "2001:db8::1" in warnings[0].getMessage()
+    # AAAA answers again, without records now: the kept address goes.
+    fake.outcomes["AAAA"] = nodata(name, "AAAA")
+    assert resolver.resolve(name) == Answer(("10.0.0.2",), 20.0, "dns")
+    fake.outcomes["AAAA"] = refused()
+    assert resolver.resolve(name) == Answer(("10.0.0.2",), 20.0, "dns", ("AAAA",))
+    # Another resolver (or another name) has nothing kept.
+    fake.outcomes.update(both)
+    assert resolver.resolve(name).addresses == ("10.0.0.1", "2001:db8::1")
+    fake.outcomes["AAAA"] = refused()
+    assert Resolver(fake).resolve(name).addresses == ("10.0.0.1",)
+
+
+def test_nxdomain_and_empty_answers_forget_the_kept_addresses() -> None:
+    name = "db.example."
+    for gone in (nxdomain(name), nodata(name, "A")):
+        fake = FakeResolver(
+            {
+                "A": make_answer(name, "A", ["10.0.0.1"]),
+                "AAAA": make_answer(name, "AAAA", ["2001:db8::1"]),
+            }
+        )
+        resolver = Resolver(fake)
+        resolver.resolve(name)
+        fake.outcomes = {"A": gone, "AAAA": nodata(name, "AAAA")}
+        with pytest.raises(DnsError):
+            resolver.resolve(name)
+        # Back with A only while AAAA is refused: the old AAAA address is not revived.
+        fake.outcomes = {"A": make_answer(name, "A", ["10.0.0.1"]), "AAAA": refused()}
+        assert resolver.resolve(name).addresses == ("10.0.0.1",)
+
+
+def test_a_failure_without_any_record_is_the_failure() -> None:
+    # Nothing to go on: an error, so that the caller keeps its previous answer.
+    name = "db.example."
+    fake = FakeResolver({"A": nodata(name, "A"), "AAAA": refused()})
+    assert kind_of(Resolver(fake), name) == "error"
+    fake = FakeResolver({"A": refused(), "AAAA": nodata(name, "AAAA")})
+    assert kind_of(Resolver(fake), name) == "error"
+    fake = FakeResolver({"A": refused(), "AAAA": lifetime_timeout()})
+    assert kind_of(Resolver(fake), name) == "error"  # the first failure
+
+
+def test_kept_addresses_are_no_answer_on_their_own() -> None:
+    name = "db.example."
+    fake = FakeResolver(
+        {"A": make_answer(name, "A", ["10.0.0.1"]), "AAAA": make_answer(name, "AAAA", ["::2"])}
+    )
+    resolver = Resolver(fake)
+    resolver.resolve(name)
+    fake.outcomes = {"A": refused(), "AAAA": refused()}
+    assert kind_of(resolver, name) == "error"
+    # ...and the failure did not erase them.
+    fake.outcomes = {"A": make_answer(name, "A", ["10.0.0.1"]), "AAAA": refused()}
+    assert resolver.resolve(name).addresses == ("10.0.0.1", "::2")
+
+
+def test_nxdomain_for_aaaa_after_a_records_is_a_failed_type() -> None:
+    # The name exists (it has A records): a resolver answering NXDOMAIN for AAAA is broken.
+    name = "db.example."
+    fake = FakeResolver({"A": make_answer(name, "A", ["10.0.0.1"]), "AAAA": nxdomain(name)})
+    assert Resolver(fake).resolve(name) == Answer(("10.0.0.1",), 60.0, "dns", ("AAAA",))
+
+
+def test_a_aaaa_that_runs_out_of_time_after_the_a_query_keeps_the_a_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(rdns, "time", clock)
+    name = "db.example."
+
+    def slow_a() -> dns.resolver.Answer:
+        clock.now += 2.0  # the whole budget
+        return make_answer(name, "A", ["10.0.0.1"])
+
+    fake = FakeResolver({"A": slow_a, "AAAA": AssertionError("asked")})
+    answer = Resolver(fake, timeout=2.0).resolve(name)
+    assert answer == Answer(("10.0.0.1",), 60.0, "dns", ("AAAA",))
+    assert len(fake.calls) == 1
+
+
+def test_ipv4_mapped_aaaa_records_are_the_ipv4_address() -> None:
+    name = "db.example."
+    fake = FakeResolver(
+        {
+            "A": make_answer(name, "A", ["10.0.0.1"]),
+            "AAAA": make_answer(name, "AAAA", ["::ffff:10.0.0.1", "::ffff:10.0.0.2"]),
+        }
+    )
+    assert Resolver(fake).resolve(name).addresses == ("10.0.0.1", "10.0.0.2")
+
+
+@pytest.mark.parametrize(("ttl", "expected"), [(-5, 0.0), (2**31 - 1, 2**31 - 1), (2**31, 0.0)])
+def test_ttls_out_of_range_are_zero(ttl: int, expected: float) -> None:
+    # RFC 2181 section 8: a TTL with the top bit set means 0. Negative ones only come from
+    # a resolver object, never from the wire.
+    name = "db.example."
+    answer = make_answer(name, "A", ["10.0.0.1"])
+    answer.rrset.ttl = ttl  # type: ignore[union-attr]
+    answer.chaining_result.minimum_ttl = ttl
+    fake = FakeResolver({"A": answer, "AAAA": nodata(name, "AAAA")})
+    assert Resolver(fake).resolve(name).ttl == expected
+
+
+def test_a_malformed_answer_object_is_kind_error() -> None:
+    name = "db.example."
+    broken = make_answer(name, "A", ["10.0.0.1"])
+    broken.chaining_result = None  # type: ignore[assignment]
+    fake = FakeResolver({"A": broken, "AAAA": nodata(name, "AAAA")})
+    assert kind_of(Resolver(fake), name) == "error"
 
 
 @pytest.mark.parametrize(
@@ -512,11 +780,13 @@ def test_both_queries_share_one_time_budget(monkeypatch: pytest.MonkeyPatch) -> 
     Resolver(fake, timeout=2.0).resolve(name)
     assert [kw["lifetime"] for _, _, kw in fake.calls] == [2.0, 0.5]
 
-    def too_slow_a() -> dns.resolver.Answer:
+    def a_times_out() -> dns.resolver.Answer:
         clock.now += 2.0
-        return make_answer(name, "A", ["10.0.0.1"])
+        raise lifetime_timeout()
 
-    fake = FakeResolver({"A": too_slow_a, "AAAA": AssertionError("asked")})
+    # The A query used the whole budget: AAAA is not asked (see also
+    # test_a_aaaa_that_runs_out_of_time_after_the_a_query_keeps_the_a_records).
+    fake = FakeResolver({"A": a_times_out, "AAAA": AssertionError("asked")})
     assert kind_of(Resolver(fake, timeout=2.0), name) == "timeout"
     assert len(fake.calls) == 1
 
@@ -839,3 +1109,73 @@ def test_a_dead_first_nameserver_leaves_time_for_the_second(dns_server: Any, dns
     dns_server.set(dns_name, ["127.0.0.21"])
     resolver = Resolver([dead, dns_server.nameserver], timeout=1.0)
     assert resolver.resolve(dns_name).addresses == ("127.0.0.21",)
+
+
+# --------------------------------------------------------------------------- one type refused
+
+
+@pytest.mark.parametrize(
+    "rcode", [dns.rcode.REFUSED, dns.rcode.SERVFAIL], ids=["REFUSED", "SERVFAIL"]
+)
+def test_a_resolver_refusing_aaaa_still_gives_the_a_records(
+    dns_front: DnsFront, dns_server: Any, dns_name: str, rcode: int
+) -> None:
+    # The records come from the real dnsmasq, through a resolver that refuses AAAA.
+    dns_server.set(dns_name, ["127.0.0.23", "127.0.0.21", "127.0.0.22"])
+    dns_front.fail["AAAA"] = rcode
+    answer = Resolver([dns_front.nameserver]).resolve(dns_name)
+    assert answer == Answer(("127.0.0.21", "127.0.0.22", "127.0.0.23"), 1.0, "dns", ("AAAA",))
+    asked = {t for n, t in dns_front.queries if n == dns_name + "."}
+    assert asked == {"A", "AAAA"}
+
+
+def test_a_resolver_refusing_a_still_gives_the_aaaa_records(
+    dns_front: DnsFront, dns_server: Any, dns_name: str
+) -> None:
+    dns_server.set(dns_name, ["::1", "127.0.0.21"])
+    dns_front.fail["A"] = dns.rcode.REFUSED
+    answer = Resolver([dns_front.nameserver]).resolve(dns_name)
+    assert answer == Answer(("::1",), 1.0, "dns", ("A",))
+
+
+def test_a_resolver_refusing_both_types_is_an_error(
+    dns_front: DnsFront, dns_server: Any, dns_name: str
+) -> None:
+    dns_server.set(dns_name, ["127.0.0.21"])
+    dns_front.fail.update(A=dns.rcode.REFUSED, AAAA=dns.rcode.SERVFAIL)
+    with pytest.raises(DnsError, match="REFUSED") as info:
+        Resolver([dns_front.nameserver]).resolve(dns_name)
+    assert info.value.kind == "error"
+
+
+def test_a_passing_aaaa_failure_keeps_the_ipv6_address_and_follows_the_a_records(
+    dns_front: DnsFront, dns_server: Any, dns_name: str
+) -> None:
+    resolver = Resolver([dns_front.nameserver])
+    dns_server.set(dns_name, ["127.0.0.21", "::1"])
+    assert resolver.resolve(dns_name).addresses == ("127.0.0.21", "::1")
+    dns_front.fail["AAAA"] = dns.rcode.SERVFAIL
+    dns_server.set(dns_name, ["127.0.0.22", "::1"])
+    assert resolver.resolve(dns_name) == Answer(("127.0.0.22", "::1"), 1.0, "dns", ("AAAA",))
+    # AAAA answers again, and the record is gone: so is the address.
+    del dns_front.fail["AAAA"]
+    dns_server.set(dns_name, ["127.0.0.22"])
+    assert resolver.resolve(dns_name) == Answer(("127.0.0.22",), 1.0, "dns")
+
+
+def test_a_resolver_dropping_aaaa_gives_the_a_records_within_the_timeout(
+    dns_server: Any, dns_name: str
+) -> None:
+    # RFC 4074 section 4.1: some resolvers never answer AAAA queries at all.
+    upstream = forwarding(dns_server.nameserver, {})
+
+    def drop_aaaa(query: dns.message.Message) -> Reply:
+        return None if query.question[0].rdtype == dns.rdatatype.AAAA else upstream(query)
+
+    dns_server.set(dns_name, ["127.0.0.21"])
+    with ScriptedDnsServer(drop_aaaa) as server:
+        start = time.monotonic()
+        answer = Resolver([server.nameserver], timeout=0.5).resolve(dns_name)
+        elapsed = time.monotonic() - start
+    assert answer == Answer(("127.0.0.21",), 1.0, "dns", ("AAAA",))
+    assert elapsed < 1.0

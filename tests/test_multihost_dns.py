@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import itertools
 
+import dns.rcode
 import pytest
 from sqlalchemy import create_engine, text
 
 from sqla_rebalance import RebalancingQueuePool
 
 from .helpers import wait_for
+from .test_dns import DnsFront
 
 pytestmark = pytest.mark.servers
 
@@ -29,10 +31,10 @@ def engines(pg_cluster, dns_server):
         kw.setdefault("rebalance_spread", 0.2)
         kw.setdefault("health_check_interval", 0.5)
         kw.setdefault("dns_min_refresh", 0.2)
+        kw.setdefault("dns_nameservers", [dns_server.nameserver])
         engine = create_engine(
             url,
             poolclass=RebalancingQueuePool,
-            dns_nameservers=[dns_server.nameserver],
             connect_args={"application_name": f"dns-{next(_names)}"},
             **kw,
         )
@@ -42,6 +44,14 @@ def engines(pg_cluster, dns_server):
     yield make
     for engine in made:
         engine.dispose()
+
+
+@pytest.fixture
+def front(dns_server):
+    """A resolver in front of dnsmasq (``front.fail["AAAA"] = REFUSED``): see test_dns.DnsFront."""
+    with DnsFront(dns_server.nameserver) as server:
+        yield server
+    assert not server.errors
 
 
 def addresses(pg_cluster):
@@ -144,3 +154,30 @@ def test_dns_trouble_never_empties_the_pool(engines, pg_cluster, dns_server, dns
         dns_server.start()
     dns_server.set(dns_name, addresses(pg_cluster))
     wait_for(lambda: len(per_host(engine)) == 4, timeout=15)
+
+
+@pytest.mark.parametrize(
+    "rcode", [dns.rcode.REFUSED, dns.rcode.SERVFAIL], ids=["REFUSED", "SERVFAIL"]
+)
+def test_a_resolver_refusing_aaaa_still_spreads_over_the_a_records(
+    engines, pg_cluster, dns_server, front, dns_name, rcode
+):
+    # Container and corporate resolvers that refuse AAAA: the A records are the hosts (the
+    # name was handed to the driver as is before, which cannot resolve it at all).
+    ips = addresses(pg_cluster)
+    p = port(pg_cluster)
+    front.fail["AAAA"] = rcode
+    dns_server.set(dns_name, ips[:3])
+    engine = engines(
+        f"postgresql+psycopg://app:app@{dns_name}:{p}/app",
+        dns_nameservers=[front.nameserver],
+    )
+    fill(engine, 12)
+    assert per_host(engine) == {f"{ip}:{p}": 4 for ip in ips[:3]}
+    hostset = engine.pool.hostset
+    assert hostset.dns_failures == 0
+    # Changes are still followed while AAAA stays refused.
+    dns_server.set(dns_name, ips)
+    wait_for(lambda: sorted(per_host(engine).values()) == [3, 3, 3, 3], timeout=15)
+    assert hostset.dns_failures == 0
+    assert {t for n, t in front.queries if n == dns_name + "."} == {"A", "AAAA"}

@@ -20,6 +20,7 @@ clash with a URL parameter is detected.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
@@ -32,8 +33,11 @@ from sqlalchemy.engine import URL, CreateEnginePlugin
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.pool import Pool
 
-from .config import PoolConfig
+from . import targets
+from .config import PoolConfig, brief_repr
+from .dns import parse_nameserver
 from .errors import ConfigurationError
+from .hosts import parse_hosts
 from .pool import SECRET_ENV, AsyncRebalancingQueuePool, RebalancingQueuePool
 
 __all__ = ["PARAMETERS", "SECRET_ENV", "RebalancePlugin", "UrlParameter", "parse_hosts_param"]
@@ -44,15 +48,31 @@ PREFIX = "rebalance_"
 # SQLAlchemy masks the URL's password when it prints a URL, but not its
 # query parameters.
 _NONE = "none"
+_SECRET_PARAMETER = "rebalance_broadcast_secret"
+
+
+def _brief(text: str) -> str:
+    """URL text for a message: escaped when not printable, cut when long."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def is_ours(key: str) -> bool:
+    """Whether a query parameter is meant for this plugin, however it is spelt.
+
+    ``REBALANCE_RECYCLE`` or ``rebalance-recycle`` is a typo to report, not a
+    driver option to pass on (psycopg would reject it, other drivers ignore it).
+    """
+    return key.lower().replace("-", "_").startswith(PREFIX)
 
 
 def _finite(url_name: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigurationError(f"{url_name} must be a number, got {raw!r}") from None
+        raise ConfigurationError(f"{url_name} must be a number, got {brief_repr(raw)}") from None
     if math.isnan(value) or math.isinf(value):
-        raise ConfigurationError(f"{url_name} must be a finite number, got {raw!r}")
+        raise ConfigurationError(f"{url_name} must be a finite number, got {brief_repr(raw)}")
     return value
 
 
@@ -64,7 +84,12 @@ def _integer(url_name: str, raw: str) -> int:
     try:
         return int(raw.strip())
     except ValueError:
-        raise ConfigurationError(f"{url_name} must be an integer, got {raw!r}") from None
+        text = raw.strip().lstrip("+-")
+        if text.isascii() and text.isdigit():  # more than 4,300 digits
+            raise ConfigurationError(
+                f"{url_name} is out of range: an integer of {len(text)} digits"
+            ) from None
+        raise ConfigurationError(f"{url_name} must be an integer, got {brief_repr(raw)}") from None
 
 
 def _text(url_name: str, raw: str) -> str:
@@ -77,9 +102,20 @@ def _items(url_name: str, raw: str) -> list[str]:
     parts = [part.strip() for part in raw.split(",")]
     if not raw.strip() or not all(parts):
         raise ConfigurationError(
-            f"{url_name} must be a comma-separated list without empty entries, got {raw!r}"
+            f"{url_name} must be a comma-separated list without empty entries, "
+            f"got {brief_repr(raw)}"
         )
     return parts
+
+
+def _nameservers(url_name: str, raw: str) -> list[str]:
+    items = _items(url_name, raw)
+    for item in items:
+        try:
+            parse_nameserver(item)
+        except ConfigurationError as err:
+            raise ConfigurationError(f"{url_name}: {err}") from None
+    return items
 
 
 def parse_hosts_param(raw: str, url_name: str = "rebalance_hosts") -> list[Any]:
@@ -104,7 +140,7 @@ def _broadcast(url_name: str, raw: str) -> str:
     if not parts.scheme or not (parts.netloc or parts.path):
         raise ConfigurationError(
             f"{url_name} must be a URL such as redis://host:6379/0 (percent-encoded inside "
-            f"the engine URL), got {raw!r}"
+            f"the engine URL), got {brief_repr(raw)}"
         )
     if password:
         raise ConfigurationError(
@@ -139,7 +175,7 @@ PARAMETERS: tuple[UrlParameter, ...] = (
     UrlParameter("rebalance_pool_name", "pool_name", _text),
     UrlParameter("rebalance_hosts", "hosts", lambda n, raw: parse_hosts_param(raw, n)),
     UrlParameter("rebalance_target_role", "target_role", _text),
-    UrlParameter("rebalance_dns_nameservers", "dns_nameservers", _items),
+    UrlParameter("rebalance_dns_nameservers", "dns_nameservers", _nameservers),
     UrlParameter("rebalance_dns_min_refresh", "dns_min_refresh", _finite),
     UrlParameter("rebalance_dns_max_refresh", "dns_max_refresh", _finite),
     UrlParameter("rebalance_health_check_interval", "health_check_interval", _optional_finite),
@@ -189,6 +225,20 @@ def _defaults(poolclass: type[Pool]) -> dict[str, Any]:
     return out
 
 
+def _unknown(key: str) -> str:
+    """The message for a ``rebalance_*`` parameter that is not one of ours."""
+    known = [p.name for p in PARAMETERS]
+    normal = key.lower().replace("-", "_")
+    if normal in _BY_NAME:
+        hint = f" (did you mean {normal}? parameter names are lower case, with '_')"
+    else:
+        close = difflib.get_close_matches(normal, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown URL parameter {_brief(key)} for plugin=rebalance{hint}; known: " + ", ".join(
+        known
+    )
+
+
 class RebalancePlugin(CreateEnginePlugin):
     """``plugin=rebalance``: use ``(Async)RebalancingQueuePool`` with URL settings.
 
@@ -202,23 +252,20 @@ class RebalancePlugin(CreateEnginePlugin):
         super().__init__(url, kwargs)
         # The very dictionary create_engine goes on to read poolclass from.
         self._kwargs = kwargs
-        self._names = [key for key in url.query if key.startswith(PREFIX)]
+        self._names = [key for key in url.query if is_ours(key)]
         #: pool argument -> (URL parameter, raw text, parsed value)
         self.settings: dict[str, tuple[UrlParameter, str, object]] = {}
         for key in self._names:
-            if key == "rebalance_broadcast_secret":
+            if key.lower().replace("-", "_") == _SECRET_PARAMETER:
                 raise ConfigurationError(
-                    "rebalance_broadcast_secret is not accepted in the URL (URLs end up in "
+                    f"{_brief(key)} is not accepted in the URL (URLs end up in "
                     f"logs and process listings): set the environment variable {SECRET_ENV} "
                     "instead, which the pool reads"
                 )
-            raw = self._single(url.query, key)
             param = _BY_NAME.get(key)
             if param is None:
-                raise ConfigurationError(
-                    f"unknown URL parameter {key} for plugin=rebalance; known: "
-                    + ", ".join(p.name for p in PARAMETERS)
-                )
+                raise ConfigurationError(_unknown(key))
+            raw = self._single(url.query, key)
             self.settings[param.argument] = (param, raw, param.parse(key, raw))
 
     @staticmethod
@@ -276,7 +323,7 @@ class RebalancePlugin(CreateEnginePlugin):
             # The same plugin named twice (URL and plugins=) adds equal values.
             if argument in pool_args and pool_args[argument] != value:
                 raise ConfigurationError(
-                    f"{param.name}={raw} in the URL conflicts with "
+                    f"{param.name}={_brief(raw)} in the URL conflicts with "
                     f"{param.create_engine_keyword}={pool_args[argument]!r} given to "
                     "create_engine(); set it in one place"
                 )
@@ -307,7 +354,7 @@ class RebalancePlugin(CreateEnginePlugin):
             subject = [
                 (p, raw) for p, raw in mentioned if message.startswith(p.create_engine_keyword)
             ]
-            culprits = [f"{param.name}={raw}" for param, raw in subject or mentioned]
+            culprits = [f"{param.name}={_brief(raw)}" for param, raw in subject or mentioned]
             if culprits:
                 raise ConfigurationError(
                     f"{', '.join(culprits)} (URL, plugin=rebalance): {message}"
@@ -315,3 +362,22 @@ class RebalancePlugin(CreateEnginePlugin):
             # Not about a URL parameter: the pool raises it with its own words.
         except TypeError:
             pass  # PoolConfig.build changed shape; the pool still validates everything
+        self._explain_hosts(pool_args.get("dialect"))
+
+    def _explain_hosts(self, dialect: object) -> None:
+        """Parse ``rebalance_hosts`` as the pool will, naming the parameter on error.
+
+        Only the dialect tells whether entries are network hosts (DNS names or
+        addresses, with ports) or SQLite files.
+        """
+        found = self.settings.get("hosts")
+        if found is None or not isinstance(dialect, Dialect):
+            return
+        param, raw, value = found
+        adapter = targets.adapter_for(dialect)
+        try:
+            parse_hosts(value, adapter.default_port, adapter.paths)
+        except ConfigurationError as err:
+            raise ConfigurationError(
+                f"{param.name}={_brief(raw)} (URL, plugin=rebalance): {err}"
+            ) from None

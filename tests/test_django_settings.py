@@ -205,3 +205,78 @@ def test_configurations_compare_by_value():
     assert conf.build(raw, DATABASES).for_alias("default") != conf.build(
         {**raw, "MIN_SIZE": 2}, DATABASES
     ).for_alias("default")
+
+
+# -- issue 11 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"ENGINE_OPTIONS": {"echo_poool": True}},
+            "SQLA_REBALANCE['ENGINE_OPTIONS']: unknown create_engine() argument 'echo_poool' "
+            "(did you mean 'echo_pool'?) for postgresql+psycopg",
+        ),
+        (
+            {"DATABASES": {"maria": {"ENGINE_OPTIONS": {"hide_parameter": True}}}},
+            "SQLA_REBALANCE['DATABASES']['maria']['ENGINE_OPTIONS']: unknown create_engine() "
+            "argument 'hide_parameter' (did you mean 'hide_parameters'?) for mysql+",
+        ),
+        (
+            {"ENGINE_OPTIONS": {"pool_reset_on_return": "sometimes"}},
+            "SQLA_REBALANCE['ENGINE_OPTIONS']: create_engine() refuses it: ArgumentError: "
+            "Invalid value for 'reset_on_return'",
+        ),
+        (
+            {"ENGINE_OPTIONS": {"execution_options": 5}},
+            "SQLA_REBALANCE['ENGINE_OPTIONS']: create_engine() refuses it",
+        ),
+        (
+            {"DNS_NAMESERVERS": ["ns.example"]},
+            "SQLA_REBALANCE['DNS_NAMESERVERS']: DNS nameserver 'ns.example'",
+        ),
+        ({"recycle": 600}, "SQLA_REBALANCE: unknown key 'recycle' (did you mean 'RECYCLE'?"),
+        ({1: 2}, "SQLA_REBALANCE: unknown key 1"),
+        ({"RECYCLE": -0.5}, "SQLA_REBALANCE['RECYCLE']: pool_recycle must be a positive"),
+        ({"RECYCLE": 10**400}, "SQLA_REBALANCE['RECYCLE']: pool_recycle must be a positive"),
+        ({"POOL_TIMEOUT": 1e10}, "SQLA_REBALANCE['POOL_TIMEOUT']: pool_timeout must be >= 0"),
+        ({"MAX_IDLE": -(10**400)}, "SQLA_REBALANCE['MAX_IDLE']: max_idle must be a positive"),
+        ({"HOSTS": ["db-a:5432", "DB-A:5432"]}, "SQLA_REBALANCE['HOSTS']: hosts: DB-A:5432 is"),
+        ({"HOSTS": ["db a"]}, "SQLA_REBALANCE['HOSTS']: hosts: 'db a' is not a valid host"),
+        ({"POOL_NAME": "a\tb"}, "SQLA_REBALANCE['POOL_NAME']: pool_name must be printable"),
+    ],
+)
+def test_every_setting_is_checked_at_setup_not_at_the_first_connection(raw, message):
+    with pytest.raises(ConfigurationError) as err:
+        conf.build(raw, DATABASES)
+    assert message in str(err.value)
+
+
+def test_valid_engine_options_pass_and_reach_create_engine():
+    raw = {
+        "ENGINE_OPTIONS": {
+            "echo_pool": True,
+            "pool_reset_on_return": None,
+            "isolation_level": "AUTOCOMMIT",
+            "hide_parameters": True,
+            "execution_options": {"stream_results": False},
+        }
+    }
+    kw = kwargs(raw)
+    assert kw["isolation_level"] == "AUTOCOMMIT" and kw["echo_pool"] is True
+
+
+def test_pool_timeout_none_and_an_irrelevant_max_overflow_are_accepted():
+    kw = kwargs({"POOL_TIMEOUT": None, "POOL_SIZE": 0, "MAX_OVERFLOW": -3})
+    assert (kw["pool_timeout"], kw["pool_size"], kw["max_overflow"]) == (None, 0, -3)
+
+
+def test_flask_style_settings_are_an_error_not_ignored():
+    with pytest.raises(ConfigurationError) as err:
+        conf.build({}, DATABASES, ["DEBUG", "SQLA_REBALANCE_RECYCLE", "SQLA_REBALANCE"])
+    assert str(err.value).startswith(
+        "SQLA_REBALANCE_RECYCLE: not read by the Django integration; put the settings in the "
+        "SQLA_REBALANCE dict instead (SQLA_REBALANCE_RECYCLE -> SQLA_REBALANCE['RECYCLE'])"
+    )
+    conf.build({}, DATABASES, ["DEBUG", "SQLA_REBALANCE"])  # the setting itself is fine

@@ -750,3 +750,106 @@ def test_cli_signs_with_the_env_secret_and_refuses_to_send_unsigned_unasked(
     assert f"pool {name}: applied by 1 process(es)" in result.stdout
     wait_for(lambda: pool.stats().open == 0)
     assert pool.stats().bus.messages_rejected == 0
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"SQLA_REBALANCE": {"RECYCLE": 600, "MIN_SIZE": 2, "DATABASES": {}}},
+            r"^SQLA_REBALANCE is not read by the Flask extension: set one SQLA_REBALANCE_\* key "
+            r"per setting, .*\(here: SQLA_REBALANCE_RECYCLE=600, SQLA_REBALANCE_MIN_SIZE=2, "
+            r"SQLA_REBALANCE_BINDS=\{\.\.\.\}\)",
+        ),
+        ({"SQLA_REBALANCE": 600}, r"^SQLA_REBALANCE is not read by the Flask extension"),
+        (
+            {"SQLA_REBALANCE": {"secret": "hunter2"}},
+            r"\(here: SQLA_REBALANCE_SECRET=<secret>\)",
+        ),
+        (
+            {"sqla_rebalance_recycle": 60},
+            r"^unknown config key sqla_rebalance_recycle \(did you mean SQLA_REBALANCE_RECYCLE\? "
+            r"config keys are upper case\)",
+        ),
+        (
+            {"SQLA_REBALANCE_Recycle": 60},
+            r"did you mean SQLA_REBALANCE_RECYCLE\? config keys are upper case",
+        ),
+        ({"SQLA_REBALANCERECYCLE": 60}, r"^unknown config key SQLA_REBALANCERECYCLE"),
+        ({"SQLA_REBALANCE_RECYCLE": 10**400}, r"^SQLA_REBALANCE_RECYCLE=an integer of about 401"),
+        (
+            {"SQLA_REBALANCE_MIN_SIZE": "1" + "0" * 5000},
+            r"^SQLA_REBALANCE_MIN_SIZE is out of range: an integer of 5001 digits",
+        ),
+        ({"SQLA_REBALANCE_RECYCLE": -2}, r"^SQLA_REBALANCE_RECYCLE=-2 .*must be a positive"),
+        (
+            {"SQLA_REBALANCE_HEALTH_CHECK_INTERVAL": 1e11},
+            r"^SQLA_REBALANCE_HEALTH_CHECK_INTERVAL=100000000000\.0 .*threading\.TIMEOUT_MAX",
+        ),
+        (
+            {"SQLALCHEMY_ENGINE_OPTIONS": {"pool_timeout": 1e10}},
+            r"^SQLALCHEMY_ENGINE_OPTIONS\['pool_timeout'\]=10000000000\.0 .*TIMEOUT_MAX",
+        ),
+        (
+            {"SQLA_REBALANCE_POOL_NAME": "a\nb"},
+            r"^SQLA_REBALANCE_POOL_NAME='a\\nb' .*must be printable",
+        ),
+    ],
+)
+def test_misplaced_or_out_of_range_settings_fail_at_init(tmp_path, config, message):
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path}/app.db"
+    app.config.update(config)
+    with pytest.raises(ConfigurationError, match=message) as info:
+        Rebalance(app)
+    assert "hunter2" not in str(info.value)
+    assert "sqla_rebalance" not in app.extensions
+
+
+def test_infinite_engine_options_do_not_crash_the_check(tmp_path):
+    # Flask-SQLAlchemy passes them through int(): create_engine reports those itself.
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/app.db",
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_recycle": float("inf"), "pool_size": 10**400},
+        SQLA_REBALANCE_RECYCLE=600,
+    )
+    with pytest.raises(ConfigurationError, match=r"conflicts with SQLALCHEMY_ENGINE_OPTIONS"):
+        Rebalance(app)
+
+
+def test_pool_timeout_none_and_an_irrelevant_max_overflow_are_accepted(apps, tmp_path):
+    app, db, _ = apps(
+        {
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path}/app.db",
+            "SQLALCHEMY_ENGINE_OPTIONS": {"pool_timeout": None, "pool_size": 0, "max_overflow": -7},
+            "SQLA_REBALANCE_RECYCLE": 600,
+        }
+    )
+    with app.app_context():
+        config = db.engine.pool.config
+    assert (config.timeout, config.pool_size, config.max_overflow) == (None, 0, -1)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "message"),
+    [
+        (["db-a:5432", "DB-A:5432"], r"DB-A:5432 is listed twice \(as db-a:5432: the same host\)"),
+        (["db a:5432"], r"'db a:5432' is not a valid host: a host cannot contain spaces"),
+        ("db-a:5432,db-b\n:5432", r"is not a valid host: a host cannot contain spaces"),
+        (["x" * 64 + ".example"], r"is longer than 63 characters"),
+        (["a." * 127 + "b"], r"a DNS name has at most 253 characters"),
+    ],
+)
+def test_bad_host_names_fail_at_init_once_the_url_is_known(pg_url, hosts, message):
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI=pg_url, SQLA_REBALANCE_HOSTS=hosts)
+    with pytest.raises(ConfigurationError, match=r"^SQLA_REBALANCE_HOSTS \(default engine\): "):
+        Rebalance(app)
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI=pg_url, SQLA_REBALANCE_HOSTS=hosts)
+    with pytest.raises(ConfigurationError, match=message):
+        Rebalance(app)

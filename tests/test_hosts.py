@@ -72,6 +72,67 @@ def test_parse_rejects(value, message):
         parse_hosts(value, 5432)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["a" * 64 + ".example:5432"], r"label 'a{64}' is longer than 63 characters \(64\)"),
+        (["a." * 126 + "bc"], r"a DNS name has at most 253 characters, this one 254"),
+        (["db a:5432"], r"'db a:5432' is not a valid host: a host cannot contain spaces"),
+        (["db\n:5432"], r"a host cannot contain spaces, line breaks or control characters"),
+        (["db\x00"], r"a host cannot contain spaces, line breaks or control characters"),
+        (["db\u200b.example"], r"a host cannot contain spaces, line breaks or control char"),
+        (["db_a!:5432"], r"label 'db_a!' may contain only letters, digits, '-' and '_'"),
+        (["-db:5432"], r"cannot start or end with '-'"),
+        (["db..example"], r"empty label"),
+        (["bücher.example"], r"must be ASCII: .*IDNA form \('xn--bcher-kva\.example'\)"),
+        (["10.0.0.256"], r"not an IP address, and a DNS name cannot end with an all-digit label"),
+        (["a:1:2"], r"more than one ':' .*\[::1\]:5432"),
+        (["[db]:5432"], r"brackets are for IPv6 addresses"),
+        (["[10.0.0.1]:5432"], r"brackets are for IPv6 addresses"),
+        (["db:"], r"empty port after ':'"),
+        (["db:+5432"], r"not a number"),
+        (["db:\u0665"], r"not a number"),  # an Arabic-Indic digit: int() would take it
+        (["db:0"], r"out of range"),
+        (["db:" + "9" * 5000], r"out of range"),
+        (["DB:5432", "db:5432"], r"db:5432 is listed twice \(as DB:5432: the same host\)"),
+        (["db", "db.:5432"], r"db\.:5432 is listed twice \(as db:5432"),
+        (["::1", "[0:0::1]:5432"], r"is listed twice \(as \[::1\]:5432"),
+        (["Db-A", ["dB-a"]], r"listed twice"),  # across tiers too
+    ],
+)
+def test_parse_rejects_what_is_no_host_name(value, message):
+    with pytest.raises(ConfigurationError, match=message):
+        parse_hosts(value, 5432)
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "port"),
+    [
+        ("my_db:5432", "my_db", 5432),  # Docker Compose service names resolve
+        ("_pg._tcp.example", "_pg._tcp.example", 5432),
+        ("db.example.com.", "db.example.com.", 5432),
+        ("a" * 63 + ".example", "a" * 63 + ".example", 5432),
+        ("x." * 126 + "y", "x." * 126 + "y", 5432),  # 253 characters
+        ("fe80::1%eth0", "fe80::1%eth0", 5432),
+        ("[2001:db8::1]:6432", "2001:db8::1", 6432),
+        ("10.0.0.1:65535", "10.0.0.1", 65535),
+        ("  db-a:1\n", "db-a", 1),  # surrounding whitespace, as in "a:1, b:2"
+    ],
+)
+def test_parse_accepts_dns_names_and_addresses(text, name, port):
+    [spec] = parse_hosts([text], 5432)
+    assert (spec.name, spec.port) == (name, port)
+
+
+def test_sqlite_paths_stay_free_form():
+    specs = parse_hosts(["/srv/A b.db", "/srv/a b.db", "relative:name.db"], None, paths=True)
+    assert [s.name for s in specs] == ["/srv/A b.db", "/srv/a b.db", "relative:name.db"]
+    with pytest.raises(ConfigurationError, match="listed twice"):
+        parse_hosts(["/srv/a.db", "/srv/a.db"], None, paths=True)
+    with pytest.raises(ConfigurationError, match="NUL"):
+        parse_hosts(["/srv/a\x00.db"], None, paths=True)
+
+
 # -- choice ---------------------------------------------------------------------
 
 

@@ -399,3 +399,84 @@ def test_url_hosts_spread_connections_over_four_postgresql_servers(pg_cluster, p
         for conn in conns:
             conn.close()
         engine.dispose()
+
+
+# -- issue 11: typos in any case, hosts named by the parameter, huge numbers ----------------
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("REBALANCE_RECYCLE", "did you mean rebalance_recycle? parameter names are lower case"),
+        ("Rebalance_Min_Size", "did you mean rebalance_min_size? parameter names are lower case"),
+        ("rebalance-recycle", "did you mean rebalance_recycle? parameter names are lower case"),
+        ("REBALANCE_RECYLCE", "did you mean rebalance_recycle?"),
+        ("REBALANCE_COLOUR", "; known: rebalance_recycle"),
+    ],
+)
+def test_a_parameter_in_another_case_is_an_error_not_ignored(db, key, hint):
+    with pytest.raises(ConfigurationError) as info:
+        create_engine(f"{db}?plugin=rebalance&{key}=60")
+    message = str(info.value)
+    assert message.startswith(f"unknown URL parameter {key} for plugin=rebalance")
+    assert hint in message
+
+
+@pytest.mark.parametrize("key", ["REBALANCE_BROADCAST_SECRET", "rebalance-broadcast-secret"])
+def test_the_secret_in_any_spelling_is_refused_without_echoing_it(db, key):
+    with pytest.raises(ConfigurationError, match=SECRET_ENV) as info:
+        create_engine(f"{db}?plugin=rebalance&{key}=hunter2")
+    assert "hunter2" not in str(info.value)
+
+
+def test_other_query_parameters_still_reach_the_driver(db, made):
+    engine = create_engine(f"{db}?plugin=rebalance&rebalance_recycle=60&timeout=7")
+    made.append(engine)
+    assert engine.url.query == {"timeout": "7"}  # only ours are taken out
+
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        ("rebalance_recycle=-0.5", r"^rebalance_recycle=-0\.5 \(URL.*pool_recycle must be a posi"),
+        ("rebalance_recycle=1" + "0" * 400, r"^rebalance_recycle must be a finite number"),
+        ("rebalance_min_size=1" + "0" * 400, r"^rebalance_min_size=1000.*\.\.\. \(URL.*min_size"),
+        ("rebalance_min_size=1" + "0" * 5000, r"^rebalance_min_size is out of range: an integer"),
+        ("rebalance_health_check_timeout=1e10", r"^rebalance_health_check_timeout=1e10 \(URL"),
+        ("rebalance_pool_name=a%0Ab", r"^rebalance_pool_name=a\\nb \(URL.*must be printable"),
+        ("rebalance_dns_nameservers=ns.example", r"^rebalance_dns_nameservers: DNS nameserver"),
+    ],
+)
+def test_out_of_range_values_name_the_parameter(db, query, match):
+    with pytest.raises(ConfigurationError, match=match):
+        create_engine(f"{db}?plugin=rebalance&{query}")
+
+
+@pytest.mark.parametrize(
+    ("hosts", "match"),
+    [
+        ("db-a:5432,DB-A:5432", r"DB-A:5432 is listed twice \(as db-a:5432: the same host\)"),
+        ("db-a%20b:5432", r"'db-a b:5432' is not a valid host: a host cannot contain spaces"),
+        ("a" * 64 + ":5432", r"label 'a+' is longer than 63 characters"),
+        ("db:99999", r"port of 'db:99999' is out of range"),
+        ("[db]:5432", r"brackets are for IPv6"),
+    ],
+)
+def test_bad_hosts_fail_at_create_engine_naming_the_parameter(pg_url, hosts, match):
+    """A network dialect: hosts are DNS names or addresses, checked when the pool is made
+    (the dialect tells the pool that these are not SQLite files)."""
+    with pytest.raises(
+        ConfigurationError, match=r"^rebalance_hosts=.* \(URL, plugin=rebalance\): "
+    ):
+        create_engine(f"{pg_url}?plugin=rebalance&rebalance_hosts={hosts}")
+    with pytest.raises(ConfigurationError, match=match):
+        create_engine(f"{pg_url}?plugin=rebalance&rebalance_hosts={hosts}")
+
+
+def test_sqlite_hosts_stay_file_paths(tmp_path, made):
+    a, b = tmp_path / "A.db", tmp_path / "a b.db"
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db?plugin=rebalance&rebalance_hosts={a},{quote(str(b))}"
+    )
+    made.append(engine)
+    assert engine.pool.config.hosts == [str(a), str(b)]

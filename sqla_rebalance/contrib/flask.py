@@ -48,7 +48,7 @@ from ..bus.base import redact
 from ..bus.listener import process_id
 from ..bus.message import ACTIONS, MAX_SPREAD
 from ..bus.report import ACTION_HELP, process_lines, sent_line, sent_record, wait_lines
-from ..config import DEFAULT_POOL_NAME, PoolConfig
+from ..config import DEFAULT_POOL_NAME, PoolConfig, brief_repr
 from ..dns import Resolver, parse_nameserver
 from ..errors import ConfigurationError, RebalanceError
 from ..hosts import parse_hosts
@@ -70,6 +70,9 @@ __all__ = [
 log = logging.getLogger("sqla_rebalance.flask")
 
 CONFIG_PREFIX = "SQLA_REBALANCE_"
+#: Keys starting with this (in any case) are ours: a key that is not one of
+#: the known ones is a typo, never something to ignore.
+_OURS = CONFIG_PREFIX.rstrip("_")
 #: Per-bind overrides: ``{"analytics": {"hosts": [...], "min_size": 2}}``.
 BINDS_KEY = "SQLA_REBALANCE_BINDS"
 #: Where the extension keeps its per-app state (``app.extensions[...]``).
@@ -105,11 +108,13 @@ def _number(label: str, value: Any) -> float | int:
         try:
             value = float(value.strip())
         except ValueError:
-            raise ConfigurationError(f"{label} must be a number, got {value!r}") from None
+            raise ConfigurationError(f"{label} must be a number, got {brief_repr(value)}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{label} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigurationError(f"{label} must be a finite number, got {value!r}")
+        raise ConfigurationError(f"{label} must be a number, got {brief_repr(value)}")
+    # An int is finite however large (math.isfinite would raise OverflowError
+    # past 1.8e308); the pool's range checks refuse what is too large.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError(f"{label} must be a finite number, got {brief_repr(value)}")
     return value
 
 
@@ -124,15 +129,22 @@ def _integer(label: str, value: Any) -> int:
         try:
             return int(value.strip())
         except ValueError:
-            raise ConfigurationError(f"{label} must be an integer, got {value!r}") from None
+            text = value.strip().lstrip("+-")
+            if text.isascii() and text.isdigit():  # more than 4,300 digits
+                raise ConfigurationError(
+                    f"{label} is out of range: an integer of {len(text)} digits"
+                ) from None
+            raise ConfigurationError(
+                f"{label} must be an integer, got {brief_repr(value)}"
+            ) from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{label} must be an integer, got {value!r}")
+        raise ConfigurationError(f"{label} must be an integer, got {brief_repr(value)}")
     return value
 
 
 def _text(label: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"{label} must be a non-empty string, got {value!r}")
+        raise ConfigurationError(f"{label} must be a non-empty string, got {brief_repr(value)}")
     return value.strip()
 
 
@@ -148,7 +160,7 @@ def _hosts(label: str, value: Any) -> list[Any]:
         return [list(item) if isinstance(item, (list, tuple)) else item for item in value]
     raise ConfigurationError(
         f"{label} must be a list of 'name:port' strings (a nested list is a lower tier) or "
-        f"a string such as 'a:5432,b:5432|dr:5432', got {value!r}"
+        f"a string such as 'a:5432,b:5432|dr:5432', got {brief_repr(value)}"
     )
 
 
@@ -262,7 +274,7 @@ class _Value:
         if self.setting.keyword == "broadcast_secret":
             return self.label  # never print a secret
         shown = redact(self.value) if isinstance(self.value, str) else self.value
-        return f"{self.label}={shown!r}"
+        return f"{self.label}={brief_repr(shown)}"
 
 
 def _parse(setting: Setting, label: str, raw: Any) -> Any:
@@ -272,14 +284,39 @@ def _parse(setting: Setting, label: str, raw: Any) -> Any:
     return setting.parse(label, raw)
 
 
+def _prefix_alone(value: Any) -> ConfigurationError:
+    """``SQLA_REBALANCE = {...}`` (the Django form): say which keys to use instead."""
+    hints = []
+    if isinstance(value, Mapping):
+        for name, raw in value.items():
+            setting = _BY_BIND_NAME.get(name.lower()) if isinstance(name, str) else None
+            if setting is not None:
+                shown = "<secret>" if setting.keyword == "broadcast_secret" else brief_repr(raw)
+                hints.append(f"{setting.key}={shown}")
+            elif isinstance(name, str) and name.upper() in ("DATABASES", "BINDS"):
+                hints.append(f"{BINDS_KEY}={{...}}")
+    instead = f" (here: {', '.join(hints)})" if hints else ""
+    return ConfigurationError(
+        f"{_OURS} is not read by the Flask extension: set one {CONFIG_PREFIX}* key per "
+        f"setting, such as {CONFIG_PREFIX}RECYCLE=1800{instead}, and per-bind settings in "
+        f"{BINDS_KEY}; a dict under {_OURS} is the Django integration's form"
+    )
+
+
 def _read_config(
     config: Mapping[str, Any],
 ) -> tuple[dict[str, _Value], dict[str, dict[str, _Value | _Unset]]]:
-    unknown = sorted(k for k in config if k.startswith(CONFIG_PREFIX) and k not in _KNOWN_KEYS)
+    ours = [k for k in config if isinstance(k, str) and k.upper().startswith(_OURS)]
+    if any(k.upper() == _OURS for k in ours):
+        raise _prefix_alone(next(config[k] for k in ours if k.upper() == _OURS))
+    unknown = sorted(k for k in ours if k not in _KNOWN_KEYS)
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
+            if key.upper() in _KNOWN_KEYS:
+                hints.append(f"{key} (did you mean {key.upper()}? config keys are upper case)")
+                continue
+            close = difflib.get_close_matches(key.upper(), _KNOWN_KEYS, n=1)
             hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
         raise ConfigurationError(
             f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
@@ -297,7 +334,8 @@ def _read_config(
         return globals_, binds
     if not isinstance(raw_binds, Mapping):
         raise ConfigurationError(
-            f"{BINDS_KEY} must be a dict of bind key -> dict of settings, got {raw_binds!r}"
+            f"{BINDS_KEY} must be a dict of bind key -> dict of settings, "
+            f"got {brief_repr(raw_binds)}"
         )
     for bind, entries in raw_binds.items():
         where = f"{BINDS_KEY}[{bind!r}]"
@@ -307,13 +345,17 @@ def _read_config(
                 f"{CONFIG_PREFIX}* keys themselves)"
             )
         if not isinstance(entries, Mapping):
-            raise ConfigurationError(f"{where} must be a dict of settings, got {entries!r}")
+            raise ConfigurationError(
+                f"{where} must be a dict of settings, got {brief_repr(entries)}"
+            )
         parsed: dict[str, _Value | _Unset] = {}
         for name, raw in entries.items():
             found = _BY_BIND_NAME.get(name) if isinstance(name, str) else None
             if found is None:
                 known = ", ".join(s.name for s in SETTINGS)
-                raise ConfigurationError(f"{where}: unknown setting {name!r}; known: {known}")
+                raise ConfigurationError(
+                    f"{where}: unknown setting {brief_repr(name)}; known: {known}"
+                )
             setting = found
             if setting.keyword in parsed:
                 raise ConfigurationError(
@@ -396,7 +438,7 @@ def _same(a: Any, b: Any) -> bool:
         return True
     try:  # "600" from an .ini file and 600: engine_from_config converts the former
         return float(a) == float(b)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 
@@ -507,7 +549,12 @@ def _plan(
             )
 
     recycle = values.get("pool_recycle")
-    if through_fsa and recycle is not None and not float(recycle.value).is_integer():
+    if (
+        through_fsa
+        and recycle is not None
+        and isinstance(recycle.value, float)  # an int is whole however large
+        and not recycle.value.is_integer()
+    ):
         raise ConfigurationError(
             f"{recycle.describe()}: must be a whole number of seconds with Flask-SQLAlchemy, "
             f"whose engine_from_config() passes pool_recycle through int() ({where})"
@@ -526,10 +573,10 @@ def _plan(
         if through_fsa and keyword in _INT_COERCED and raw is not None:
             try:
                 value = int(raw)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 continue  # create_engine reports it
         merged[arg] = value
-        labels[keyword] = f"{user_label}[{keyword!r}]={raw!r}"
+        labels[keyword] = f"{user_label}[{keyword!r}]={brief_repr(raw)}"
     for keyword, ours in values.items():
         arg = _BUILD_NAMES.get(keyword, keyword)
         if arg in _BUILD_PARAMS:

@@ -31,20 +31,26 @@ be given explicitly.
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.signals import setting_changed
+from sqlalchemy import create_engine, util
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import QueuePool
 
 from ...bus import open_bus
-from ...config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
+from ...config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig, brief_repr
+from ...dns import Resolver
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
+from ...pool import RebalancingQueuePool
 
 __all__ = [
     "DEFAULTS",
@@ -210,17 +216,122 @@ def _inherited(top: Mapping[str, Any], alias: str) -> dict[str, Any]:
     return {key: value for key, value in top.items() if key not in PER_DATABASE_KEYS}
 
 
-def _check_key(key: str, path: str) -> None:
-    if key not in KNOWN_KEYS:
-        close = difflib.get_close_matches(key, [*KNOWN_KEYS, "DATABASES"], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigurationError(f"{path}: unknown key {key!r}{hint}")
+def _check_key(key: object, path: str) -> None:
+    if key in KNOWN_KEYS:
+        return
+    hint = ""
+    if isinstance(key, str):
+        if key.upper() in (*KNOWN_KEYS, "DATABASES"):
+            hint = f" (did you mean {key.upper()!r}? keys are upper case)"
+        else:
+            close = difflib.get_close_matches(key.upper(), [*KNOWN_KEYS, "DATABASES"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigurationError(f"{path}: unknown key {brief_repr(key)}{hint}")
+
+
+class _DryRunPool(RebalancingQueuePool):
+    """A pool class for checking ``ENGINE_OPTIONS`` with ``create_engine`` itself.
+
+    ``create_engine`` finds pool arguments in the signatures up the class
+    hierarchy, so this class takes exactly what ``RebalancingQueuePool``
+    takes. It checks SQLAlchemy's own pool arguments (``QueuePool`` does) and
+    starts nothing: no host set, no bus, no worker. This package's arguments
+    are checked by ``PoolConfig`` with the other settings.
+    """
+
+    def __init__(self, creator: Any, **kw: Any) -> None:
+        QueuePool.__init__(self, creator, **{k: v for k, v in kw.items() if k in _QUEUEPOOL_ARGS})
+
+
+_QUEUEPOOL_ARGS = frozenset(util.get_cls_kwargs(QueuePool))
+#: create_engine keywords it reads itself, beside the dialect's, the pool's
+#: and the Engine's (only for "did you mean" hints).
+_CREATE_ENGINE_OWN = ("enable_from_linting", "module", "plugins", "future")
+
+
+def _engine_class(engine: str) -> Any:
+    """The backend's ``DatabaseWrapper`` (None when its driver cannot be imported)."""
+    try:
+        return importlib.import_module(f"{engine}.base").DatabaseWrapper
+    except Exception:  # no driver: the backend reports that itself, at its first connection
+        return None
+
+
+def _engine_options_error(options: Mapping[str, Any], engine: str) -> str | None:
+    """What ``create_engine`` would say about ``options`` for this backend, or None.
+
+    Runs ``create_engine``'s own argument handling (dialect, DBAPI, pool and
+    Engine arguments, plugins) with the backend's URL, now rather than at the
+    alias's first connection. Nothing connects.
+    """
+    wrapper = _engine_class(engine)
+    drivername = getattr(wrapper, "sqla_drivername", None)
+    if not isinstance(drivername, str):
+        return None
+    url = f"{drivername}://"
+    try:
+        dialect_cls = make_url(url).get_dialect()
+        dialect_cls.import_dbapi()
+    except Exception:  # the driver is missing: reported by the backend at its first connect
+        return None
+    dialect_options = dict(getattr(wrapper, "sqla_dialect_options", None) or {})
+    try:
+        engine_ = create_engine(
+            url, poolclass=_DryRunPool, _initialize=False, **{**dialect_options, **options}
+        )
+    except TypeError as err:
+        message = str(err)
+        if not message.startswith("Invalid argument(s)"):
+            return f"create_engine() refuses it: {message}"
+        listed = message.split(" sent to ", 1)[0]
+        unknown = re.findall(r"'([^']*)'", listed)
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, _known_engine_arguments(dialect_cls), n=1)
+            hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+        plural = "s" if len(unknown) > 1 else ""
+        return (
+            f"unknown create_engine() argument{plural} {', '.join(hints) or message} for "
+            f"{drivername} (create_engine would refuse {'them' if plural else 'it'} at the "
+            "first connection)"
+        )
+    except Exception as err:
+        return f"create_engine() refuses it: {type(err).__name__}: {err}"
+    del engine_  # built and dropped: it has no connection, and its pool holds nothing
+    return None
+
+
+def _known_engine_arguments(dialect_cls: Any) -> list[str]:
+    translate = {
+        "logging_name": "pool_logging_name",
+        "echo": "echo_pool",
+        "timeout": "pool_timeout",
+        "recycle": "pool_recycle",
+        "reset_on_return": "pool_reset_on_return",
+        "pre_ping": "pool_pre_ping",
+        "use_lifo": "pool_use_lifo",
+    }
+    names = set(util.get_cls_kwargs(dialect_cls))
+    names |= {translate.get(k, k) for k in util.get_cls_kwargs(RebalancingQueuePool)}
+    names |= set(util.get_cls_kwargs(Engine))
+    names |= set(_CREATE_ENGINE_OWN)
+    names -= {"self", "creator", "dbapi", "dialect", "_dispatch", *_RESERVED_ENGINE_OPTIONS}
+    return sorted(names)
 
 
 def _validate_values(
-    values: Mapping[str, Any], origin: Mapping[str, str], alias: str, port: int | None
+    values: Mapping[str, Any],
+    origin: Mapping[str, str],
+    alias: str,
+    port: int | None,
+    engine: str | None = None,
 ) -> None:
-    """Everything create_engine would check, without creating anything."""
+    """Everything create_engine would check, without connecting to anything.
+
+    ``engine``: the alias's ``ENGINE`` (one of this package's backends), for
+    checking ``ENGINE_OPTIONS`` with ``create_engine`` itself; None for the
+    top level on its own.
+    """
 
     def fail(key: str, message: str) -> ConfigurationError:
         return ConfigurationError(f"{origin.get(key, _path(key))}: {message}")
@@ -228,10 +339,12 @@ def _validate_values(
     for key in ("USE_LIFO", "PRE_PING"):
         value = values.get(key)
         if value is not None and not isinstance(value, bool):
-            raise fail(key, f"must be True or False, got {value!r}")
+            raise fail(key, f"must be True or False, got {brief_repr(value)}")
     secret_env = values.get("SECRET_ENV", DEFAULTS["SECRET_ENV"])
     if not isinstance(secret_env, str) or not _ENV_NAME.match(secret_env):
-        raise fail("SECRET_ENV", f"must be an environment variable name, got {secret_env!r}")
+        raise fail(
+            "SECRET_ENV", f"must be an environment variable name, got {brief_repr(secret_env)}"
+        )
     if "SECRET" in values and (
         not isinstance(values["SECRET"], (str, bytes)) or not values["SECRET"]
     ):
@@ -240,18 +353,31 @@ def _validate_values(
     if options is not None:
         if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
             raise fail(
-                "ENGINE_OPTIONS", f"must be a dict of create_engine arguments, got {options!r}"
+                "ENGINE_OPTIONS",
+                f"must be a dict of create_engine arguments, got {brief_repr(options)}",
             )
         for name in options:
             if name in _RESERVED_ENGINE_OPTIONS:
                 raise fail("ENGINE_OPTIONS", f"{name!r} is set by the backend")
             if name in _ARG_TO_KEY and _ARG_TO_KEY[name] in POOL_KEYS:
                 raise fail("ENGINE_OPTIONS", f"use {_ARG_TO_KEY[name]!r} instead of {name!r}")
+        if options and engine is not None:
+            problem = _engine_options_error(options, engine)
+            if problem is not None:
+                raise fail("ENGINE_OPTIONS", problem)
     if values.get("HOSTS") is not None:
         try:
             parse_hosts(values["HOSTS"], port)
         except ConfigurationError as err:
             raise fail("HOSTS", str(err)) from None
+    nameservers = values.get("DNS_NAMESERVERS")
+    if nameservers is not None:
+        if isinstance(nameservers, str):  # as the pool reads it: "ip:port,ip:port"
+            nameservers = [n for n in nameservers.split(",") if n.strip()]
+        try:
+            Resolver(nameservers)  # what the pool does in create_engine; queries nothing
+        except ConfigurationError as err:
+            raise fail("DNS_NAMESERVERS", str(err)) from None
     if values.get("BROADCAST") is not None:
         try:
             open_bus(values["BROADCAST"])  # checks the URL; connects to nothing
@@ -290,8 +416,29 @@ def _validate_values(
         raise fail(key, message) if key else ConfigurationError(f"{SETTING}: {message}") from None
 
 
-def build(raw: object, databases: Mapping[str, Mapping[str, Any]]) -> Settings:
-    """Validate ``raw`` (the SQLA_REBALANCE value) against ``databases`` (settings.DATABASES)."""
+def _check_other_settings(names: Iterable[str]) -> None:
+    """``SQLA_REBALANCE_RECYCLE = 600`` (the Flask integration's form) is never read here."""
+    stray = sorted(n for n in names if n.startswith(SETTING + "_"))
+    if stray:
+        keys = ", ".join(f"{n} -> {_path(n[len(SETTING) + 1 :])}" for n in stray)
+        raise ConfigurationError(
+            f"{', '.join(stray)}: not read by the Django integration; put the settings in "
+            f"the {SETTING} dict instead ({keys}). {SETTING}_* settings are the Flask "
+            "integration's form"
+        )
+
+
+def build(
+    raw: object,
+    databases: Mapping[str, Mapping[str, Any]],
+    other_settings: Iterable[str] = (),
+) -> Settings:
+    """Validate ``raw`` (the SQLA_REBALANCE value) against ``databases`` (settings.DATABASES).
+
+    ``other_settings``: the names of the other Django settings, so that a
+    misplaced ``SQLA_REBALANCE_*`` setting is an error rather than ignored.
+    """
+    _check_other_settings(other_settings)
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -341,7 +488,8 @@ def build(raw: object, databases: Mapping[str, Mapping[str, Any]]) -> Settings:
                 f"DATABASES[{alias!r}]['OPTIONS']['pool']: that is Django's own psycopg pool; "
                 "the sqla_rebalance backend pools connections itself, remove it"
             )
-        _validate_values(values, alias_origin, alias, _ENGINE_PORTS[str(db.get("ENGINE"))])
+        engine = str(db.get("ENGINE"))
+        _validate_values(values, alias_origin, alias, _ENGINE_PORTS[engine], engine)
         broadcast_anywhere |= values.get("BROADCAST") is not None
         aliases[alias] = AliasConfig(alias, values)
     # The top level on its own (for aliases made at run time, and so that a
@@ -365,7 +513,9 @@ def get_settings() -> Settings:
     with _cache_lock:
         if _cache is None:
             _cache = build(
-                getattr(django_settings, SETTING, None), getattr(django_settings, "DATABASES", {})
+                getattr(django_settings, SETTING, None),
+                getattr(django_settings, "DATABASES", {}),
+                dir(django_settings),
             )
         return _cache
 

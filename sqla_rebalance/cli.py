@@ -7,11 +7,23 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__
+from .bus.base import redact
 from .bus.message import ACTIONS
-from .bus.report import ACTION_HELP, process_lines, sent_line, sent_record, wait_lines
+from .bus.report import (
+    ACTION_HELP,
+    check_seconds,
+    check_spread,
+    check_wait,
+    invalid_line,
+    process_lines,
+    sent_line,
+    sent_record,
+    wait_lines,
+)
 from .errors import ConfigurationError
 from .pool import SECRET_ENV
 
@@ -19,6 +31,30 @@ from .pool import SECRET_ENV
 BUS_ENV = "SQLA_REBALANCE_BUS"
 
 __all__ = ["main"]
+
+
+def _number(check: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type from one of report.py's checks: a bad number is a usage error
+    (exit 2, with the usage line), whatever the front end."""
+
+    def convert(text: str) -> float:
+        try:
+            return check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = "seconds"  # argparse names the type in some messages
+    return convert
+
+
+def _positive(option: str) -> Callable[[str], float]:
+    def check(text: str) -> float:
+        value = check_seconds(text, option)
+        if value <= 0:
+            raise ValueError(f"{option} must be positive, got {text!r}")
+        return value
+
+    return _number(check)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "four local PostgreSQL servers started from the repository's tests/servers.py. "
         "--url runs the single-database demo (no hosts) on that database.",
     )
-    demo.add_argument("--duration", type=float, default=16.0, help="seconds to run (default 16)")
+    demo.add_argument(
+        "--duration", type=_positive("--duration"), default=16.0, help="seconds to run (default 16)"
+    )
     demo.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
     demo.add_argument(
         "--pool-size",
@@ -51,9 +89,17 @@ def _parser() -> argparse.ArgumentParser:
         help="pool_size and min_size with hosts (default 12); with --url: --threads",
     )
     demo.add_argument(
-        "--recycle", type=float, default=4.0, help="pool_recycle in seconds (default 4)"
+        "--recycle",
+        type=_positive("--recycle"),
+        default=4.0,
+        help="pool_recycle in seconds (default 4)",
     )
-    demo.add_argument("--jitter", type=float, default=0.5, help="recycle_jitter (default 0.5)")
+    demo.add_argument(
+        "--jitter",
+        type=_number(lambda text: check_seconds(text, "--jitter", 1.0)),
+        default=0.5,
+        help="recycle_jitter, 0 to 1 (default 0.5)",
+    )
     where = demo.add_mutually_exclusive_group()
     where.add_argument(
         "--sqlite",
@@ -101,7 +147,7 @@ def _bus_commands(sub: Any) -> None:
             )
             p.add_argument(
                 "--spread",
-                type=float,
+                type=_number(check_spread),
                 default=0.0,
                 help="seconds over which each process spreads its reconnects (default 0)",
             )
@@ -120,7 +166,7 @@ def _bus_commands(sub: Any) -> None:
         p.add_argument(
             "--wait",
             nargs="?",
-            type=float,
+            type=_number(check_wait),
             const=30.0,
             default=None,
             metavar="SECONDS",
@@ -136,6 +182,13 @@ def _bus_commands(sub: Any) -> None:
     )
     _bus_options(status)
     status.add_argument("--pool", default="*", help="only pools matching this name or glob")
+
+
+def _fail(message: str, url: str | None) -> None:
+    """An error on stderr, with every password masked: URLs anywhere in it, and
+    with ``url``, that URL's passwords wherever a driver's message quotes them
+    (None for the bus's own errors, masked already)."""
+    print(f"sqla-rebalance: {redact(message, url)}", file=sys.stderr)
 
 
 def _need_bus(args: argparse.Namespace) -> str | None:
@@ -170,12 +223,12 @@ def _send(args: argparse.Namespace) -> int:
             spread=getattr(args, "spread", 0.0),
             secret=secret,
         )
-    except (ValueError, ConfigurationError) as err:
-        print(f"sqla-rebalance: {err}", file=sys.stderr)
-        return 2
-    except BusUnavailableError as err:
-        print(f"sqla-rebalance: cannot publish: {err}", file=sys.stderr)
+    except BusUnavailableError as err:  # BusDataError too: junk on the bus is its problem
+        _fail(f"cannot publish: {err}", None)
         return 3
+    except (ValueError, ConfigurationError) as err:
+        _fail(str(err), url)
+        return 2
     if not args.json:
         print(sent_line(sent))
     result = None
@@ -184,7 +237,7 @@ def _send(args: argparse.Namespace) -> int:
         try:
             result = wait_for(url, sent.generation, pool=args.pool, timeout=args.wait)
         except BusUnavailableError as err:
-            print(f"sqla-rebalance: cannot read status: {err}", file=sys.stderr)
+            _fail(f"cannot read status: {err}", None)
             return 3
         if not args.json:
             print("\n".join(wait_lines(result, args.pool)))
@@ -195,19 +248,23 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .bus import BusUnavailableError, fleet_status
+    from .bus import BusUnavailableError, read_fleet
 
     url = _need_bus(args)
     if url is None:
         return 2
     try:
-        procs = [p for p in fleet_status(url) if p.has_pool(args.pool)]
-    except (ValueError, ConfigurationError) as err:
-        print(f"sqla-rebalance: {err}", file=sys.stderr)
-        return 2
+        fleet = read_fleet(url)
     except BusUnavailableError as err:
-        print(f"sqla-rebalance: cannot read status: {err}", file=sys.stderr)
+        _fail(f"cannot read status: {err}", None)
         return 3
+    except (ValueError, ConfigurationError) as err:
+        _fail(str(err), url)
+        return 2
+    skipped = invalid_line(fleet.invalid)
+    if skipped:
+        _fail(skipped, None)
+    procs = [p for p in fleet.processes if p.has_pool(args.pool)]
     if args.json:
         print(json.dumps([p.raw for p in procs], indent=2))
         return 0

@@ -91,8 +91,10 @@ def test_bad_arguments_and_unreachable_bus(tmp_path, monkeypatch, capsys):
     assert "--bus URL is required" in capsys.readouterr().err
     assert main(["recycle", "--bus", "amqp://x/"]) == 2
     assert "unknown bus scheme" in capsys.readouterr().err
-    assert main(["recycle", "--bus", f"sqlite:///{tmp_path}/b.db", "--spread", "-1"]) == 2
-    assert "spread" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["recycle", "--bus", f"sqlite:///{tmp_path}/b.db", "--spread", "-1"])
+    assert exit_.value.code == 2
+    assert "--spread must be a finite number of seconds >= 0" in capsys.readouterr().err
     missing = f"sqlite:///{tmp_path}/no/such/dir/bus.db"
     assert main(["recycle", "--bus", missing]) == 3
     assert "cannot publish" in capsys.readouterr().err
@@ -119,3 +121,53 @@ def test_status_text_and_json(engine, bus, capsys):
     assert "churn/min" in text
     assert main(["status", "--bus", bus, "--pool", "billing"]) == 0
     assert capsys.readouterr().out.strip() == "no live process on this bus"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["recycle", "--wait", "nan"],
+        ["recycle", "--wait", "NaN"],
+        ["recycle", "--wait", "-1"],
+        ["recycle", "--wait", "-0.001"],
+        ["recycle", "--wait", "inf"],
+        ["recycle", "--wait", "1e400"],
+        ["recycle", "--wait", "86401"],
+        ["recycle", "--wait", "soon"],
+        ["rebalance", "--wait", "nan"],
+        ["recycle", "--spread", "nan"],
+        ["recycle", "--spread", "inf"],
+        ["recycle", "--spread", "-inf"],
+        ["demo", "--duration", "nan"],
+        ["demo", "--duration", "0"],
+        ["demo", "--recycle", "inf"],
+        ["demo", "--jitter", "nan"],
+    ],
+)
+def test_bad_numbers_are_usage_errors_and_publish_nothing(bus, argv, monkeypatch, capsys):
+    """--wait nan used to poll the bus for ever, as fast as it could; negatives passed."""
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--bus", bus] if argv[0] != "demo" else argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and argv[1] in err
+    from sqla_rebalance.bus import open_bus
+
+    assert open_bus(bus).generation() == 0  # nothing was published
+
+
+def test_a_wait_of_zero_is_one_look(engine, bus, monkeypatch, capsys):
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    assert main(["rebalance", "--bus", bus, "--wait", "0"]) in (0, 1)
+    assert "sent generation" in capsys.readouterr().out
+
+
+def test_wait_for_refuses_a_nan_timeout(bus):
+    from sqla_rebalance.bus import wait_for as bus_wait_for
+
+    for timeout in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="timeout"):
+            bus_wait_for(bus, 1, timeout=timeout)
+    with pytest.raises(ValueError, match="interval"):
+        bus_wait_for(bus, 1, timeout=1, interval=float("nan"))

@@ -71,7 +71,7 @@ def make(clock, tmp_path):
 
 def message(clock: FakeClock, gen: int, action: str = "recycle", **kw: Any) -> bytes:
     cmd = dataclasses.replace(new_command(action, **kw), gen=gen, issued_at=clock.now)
-    return encode(cmd, SECRET)
+    return encode(cmd, SECRET, channel=DEFAULT_CHANNEL)
 
 
 def test_each_generation_is_applied_once(clock, make):
@@ -116,18 +116,31 @@ def test_catch_up_skips_history_from_before_the_listener(clock, make):
     before = message(clock, 1)  # in the log before this process started
     clock.advance(listener_mod.ATTACH_GRACE + 1)
     lst = make(pool)
-    lst.secret = b"rotated since"  # history signed with the old secret raises no alarm
     lst._catch_up(FakeSubscription([(1, before)]))
     assert pool.applied == []
-    assert sum(lst.rejected.values()) == 0  # not even verified: history is skipped
+    assert sum(lst.rejected.values()) == 0
     assert lst._members[id(pool)].settled == 1  # done, as far as --wait is concerned
-    lst.secret = SECRET
     clock.advance(1)
     missed = message(clock, 2, spread=3)  # sent while disconnected
     clock.advance(20)
     lst._receive(missed, live=False)
     # Applied late, and only to connections older than the command itself.
     assert pool.applied == [("recycle", None, 3.0, clock.now - 20)]
+
+
+def test_history_that_fails_verification_is_neither_counted_nor_taken_as_done(clock, make):
+    """After a secret rotation the history is signed with the old secret: it raises no
+    alarm, and it moves nothing either (only a verified message may)."""
+    pool = FakePool("orders", 0.0)
+    before = message(clock, 1)
+    clock.advance(listener_mod.ATTACH_GRACE + 1)
+    lst = make(pool)
+    lst.secret = b"rotated since"
+    lst._catch_up(FakeSubscription([(1, before)]))
+    assert pool.applied == []
+    assert sum(lst.rejected.values()) == 0
+    assert (lst._history, lst._log_cursor, lst.applied) == (0, 0, 0)
+    assert lst._members[id(pool)].settled == 0
 
 
 def test_catch_up_skips_commands_older_than_its_window(clock, make):
@@ -189,17 +202,27 @@ def test_a_pool_that_fails_does_not_stop_the_others(clock, make):
     assert len(fine.applied) == 1
 
 
-def test_rejections_are_logged_once_per_kind_per_minute(clock, make, caplog):
+def test_rejections_are_logged_once_per_kind_then_summarised(clock, make, caplog):
     lst = make(FakePool("orders", 0.0))
     caplog.set_level("WARNING", logger="sqla_rebalance.bus")
     for _ in range(50):
         lst._receive(b"garbage", live=True)
     assert lst.rejected["malformed"] == 50
     assert len(caplog.records) == 1
+    lst._log_summary()  # the listener's loop calls it: nothing due within the minute
+    assert len(caplog.records) == 1
     clock.advance(61)
-    lst._receive(b"garbage", live=True)
+    lst._log_summary()
     assert len(caplog.records) == 2
-    assert "49 more like it" in caplog.records[1].getMessage()
+    assert "rejected 49 more message(s) of kind malformed" in caplog.records[1].getMessage()
+    clock.advance(61)
+    lst._log_summary()  # a quiet minute: nothing to say, and the next one is logged again
+    assert len(caplog.records) == 2
+    clock.advance(61)
+    lst._log_summary()
+    lst._receive(b"garbage", live=True)
+    assert len(caplog.records) == 3
+    assert "rejected a message: malformed" in caplog.records[2].getMessage()
 
 
 def test_a_stale_live_command_is_refused_not_settled(clock, make):

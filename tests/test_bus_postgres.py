@@ -15,9 +15,15 @@ from sqlalchemy import create_engine
 
 from sqla_rebalance import RebalancingQueuePool
 from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
+from sqla_rebalance.bus.base import next_generation
 from sqla_rebalance.bus.postgres_bus import SCHEMA
 
-from .bus_cases import check_bad_messages_are_rejected
+from .bus_cases import (
+    Store,
+    check_bad_messages_are_rejected,
+    check_junk_heartbeats_are_skipped,
+    check_junk_in_the_log_moves_nothing,
+)
 from .bus_proc import start_apps
 from .helpers import wait_for as poll
 from .servers import find_pg_bindir
@@ -180,3 +186,95 @@ def test_notifications_arriving_together_are_all_delivered(bus):
         assert got == [s.generation for s in sent]
     finally:
         sub.close()
+
+
+class PostgresStore(Store):
+    """The bus tables of a channel, written with plain SQL (as psql would)."""
+
+    huge_positions = (2**63 - 1,)
+
+    def __init__(self, server, bus: str) -> None:
+        self.channel = open_bus(bus).channel
+        self.server = server
+
+    def _sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        with psycopg.connect(self.server.dsn(), autocommit=True) as conn:
+            conn.execute(SCHEMA)
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def add_log(self, position, payload):
+        self._sql(
+            "INSERT INTO sqla_rebalance_commands (channel, gen, message) VALUES (%s, %s, %s)",
+            (self.channel, position, payload.decode()),
+        )
+
+    def remove_log(self, position):
+        self._sql(
+            "DELETE FROM sqla_rebalance_commands WHERE channel = %s AND gen = %s",
+            (self.channel, position),
+        )
+
+    def log_only(self, payload_for):
+        ((last,),) = self._sql(
+            "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands"
+            " WHERE channel = %s AND gen < %s",
+            (self.channel, 2**62),
+        )
+        gen = next_generation(int(last))
+        self.add_log(gen, payload_for(gen))
+        return gen
+
+    def add_heartbeat(self, name, payload):
+        self._sql(
+            "INSERT INTO sqla_rebalance_heartbeats (channel, process, payload, expires_at)"
+            " VALUES (%s, %s, %s, now() + interval '1 minute')",
+            (self.channel, name, payload.decode()),
+        )
+
+    def reconnect(self, engine):
+        self._sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'sqla-rebalance-listener'"
+        )
+
+
+def test_junk_in_the_log_moves_nothing(bus, bus_server, tmp_path):
+    """gen = 2**63-1 (and junk an hour ahead): no cursor, generation or --wait answer
+    moves, a missed command is caught up, publishing works ("bigint out of range")."""
+    check_junk_in_the_log_moves_nothing(bus, SECRET, tmp_path, PostgresStore(bus_server, bus))
+
+
+def test_junk_heartbeats_are_skipped_and_counted(bus, bus_server, tmp_path):
+    check_junk_heartbeats_are_skipped(bus, SECRET, tmp_path, PostgresStore(bus_server, bus))
+
+
+def test_a_password_in_the_bus_url_is_never_shown(bus_server, tmp_path, monkeypatch, capsys):
+    """A wrong password given as ?password=: the CLI's error and the listener's stats
+    mask it."""
+    from sqla_rebalance.cli import main
+
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    url = bus_server.url(driver=None, password="hunter2secret")
+    plain = url.replace(":hunter2secret@", "@")
+    for bad in (
+        url,
+        f"{plain}?password=hunter2secret",
+        f"{plain}?sslmode=disable&password=x%3Dhunter2secret",
+    ):
+        assert main(["recycle", "--bus", bad]) in (0, 3)  # trust auth may let it in
+        assert main(["status", "--bus", bad]) in (0, 3)
+        err = capsys.readouterr().err
+        assert "hunter2secret" not in err
+        engine = create_engine(
+            f"sqlite:///{tmp_path}/app.db",
+            poolclass=RebalancingQueuePool,
+            broadcast=bad,
+            broadcast_secret=SECRET,
+        )
+        try:
+            stats = engine.pool.stats().bus
+            assert "hunter2secret" not in (stats.url or "") and "***" in (stats.url or "")
+            assert "hunter2secret" not in repr(engine.pool.listener.bus)
+        finally:
+            engine.dispose()

@@ -17,8 +17,15 @@ from sqlalchemy import create_engine, text
 
 from sqla_rebalance import RebalancingQueuePool, signals
 from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
+from sqla_rebalance.bus.base import next_generation
 
-from .bus_cases import check_bad_messages_are_rejected
+from .bus_cases import (
+    Store,
+    check_bad_messages_are_rejected,
+    check_junk_heartbeats_are_skipped,
+    check_junk_in_the_log_moves_nothing,
+    junk_commands,
+)
 from .bus_proc import ROOT, start_apps
 from .helpers import wait_for as poll
 from .servers import find_free_port, find_program
@@ -95,7 +102,9 @@ def test_a_command_sent_while_redis_restarts_is_applied_after_reconnect(
         stats = app.stats()["bus"]
         assert stats["generation_applied"] == sent.generation
         assert stats["reconnects"] >= 1
-        assert stats["connected"] and stats["last_error"] is None  # not the outage's error
+        # Cleared once the catch-up read is over (the command is applied during it).
+        poll(lambda app=app: app.stats()["bus"]["last_error"] is None)
+        assert app.stats()["bus"]["connected"]  # and not the outage's error
     for app in apps:  # the load ran all along: Redis going away broke no transaction
         bye = app.quit()
         assert bye["errors"] == []
@@ -341,3 +350,180 @@ def test_garbage_in_the_log_is_read_past_once(redis_server, bus, tmp_path):
         r.close()
     finally:
         engine.dispose()
+
+
+class RedisStore(Store):
+    """The Redis keys of a channel, written with a plain client (as redis-cli would)."""
+
+    huge_positions = (1e15, float("inf"))
+
+    def __init__(self, redis_server, bus: str) -> None:
+        self.channel = open_bus(bus).channel
+        self.r = redis.Redis(host=redis_server.host, port=redis_server.port)
+
+    def add_log(self, position, payload):
+        self.r.zadd(f"{self.channel}:log", {payload: position})
+
+    def remove_log(self, position):
+        score = "+inf" if position == float("inf") else position
+        self.r.zremrangebyscore(f"{self.channel}:log", score, score)
+
+    def log_only(self, payload_for):
+        gen = next_generation(int(self.r.get(f"{self.channel}:gen") or 0))
+        self.r.set(f"{self.channel}:gen", gen)
+        self.add_log(gen, payload_for(gen))
+        return gen
+
+    def add_heartbeat(self, name, payload):
+        self.r.set(f"{self.channel}:hb:{name}", payload, ex=60)
+        self.r.sadd(f"{self.channel}:hb", name)
+
+    def reconnect(self, engine):
+        self.r.client_kill_filter(_type="pubsub")
+
+
+@pytest.fixture
+def store(redis_server, bus):
+    store = RedisStore(redis_server, bus)
+    yield store
+    store.r.close()
+
+
+def test_junk_in_the_log_moves_nothing(bus, tmp_path, store):
+    """Scores 1e15 and +inf (and junk an hour ahead): no cursor, generation or --wait
+    answer moves, a missed command is caught up, no reconnect loop (int(+inf))."""
+    check_junk_in_the_log_moves_nothing(bus, SECRET, tmp_path, store)
+
+
+def test_junk_heartbeats_are_skipped_and_counted(bus, tmp_path, store):
+    extra = {"not_utf8": b"\xff\xfe\x00junk", "oversized": b"{" + b" " * (2 << 20) + b"}"}
+    # A heartbeat index member that is not UTF-8 (and whose key does not exist).
+    store.r.sadd(f"{store.channel}:hb", b"\xff\xfe")
+    check_junk_heartbeats_are_skipped(bus, SECRET, tmp_path, store, extra)
+
+
+def test_junk_in_the_generation_key(bus, tmp_path, store, monkeypatch, capsys):
+    """Publishing: a key that is not a number is a bus problem (exit 3, nothing sent);
+    one out of range (1e15 ms, beyond int64) is ignored and overwritten. Listening:
+    no reconnect loop, and the log is read anyway."""
+    from sqla_rebalance.bus import listener as listener_mod
+    from sqla_rebalance.cli import main
+
+    monkeypatch.setattr(listener_mod, "POLL_INTERVAL", 0.2)  # the slow re-read, made fast
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    gen_key = f"{store.channel}:gen"
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.listener is not None and pool.listener.connected)
+        first = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == first.generation)
+        store.r.set(gen_key, "junk")
+        assert main(["recycle", "--bus", bus]) == 3
+        err = capsys.readouterr().err
+        assert "cannot publish" in err and f"{gen_key} holds 'junk'" in err
+        assert "invalid literal" not in err
+        assert store.r.zcard(f"{store.channel}:log") == 1  # nothing was published
+        # The listener polls the key (every 0.2 s here): no reconnect loop.
+        time.sleep(1.0)
+        assert pool.stats().bus.reconnects == 0 and pool.stats().bus.last_error is None
+        for junk in (str(10**15), str(2**63), "99999999999999999999"):
+            store.r.set(gen_key, junk)
+            sent = send_command(bus, "recycle", secret=SECRET)
+            assert sent.generation < time.time() * 1000 + 86_400_000
+            assert int(store.r.get(gen_key)) == sent.generation  # overwritten
+            poll(lambda sent=sent: pool.stats().bus.generation_applied == sent.generation)
+        store.r.delete(gen_key)
+        assert main(["rebalance", "--bus", bus]) == 0
+    finally:
+        engine.dispose()
+
+
+def test_a_junk_flood_is_rejected_cheaply_and_logged_as_a_summary(bus, tmp_path, store, caplog):
+    """10,000 junk messages of five kinds: every one counted, a handful of log lines, the
+    listener still connected, and a real command sent after it applied."""
+    caplog.set_level("INFO", logger="sqla_rebalance.bus")
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.listener is not None and pool.listener.connected)
+        junk = [
+            *junk_commands(store.channel, SECRET.encode(), int(time.time() * 1000) + 5),
+            b"x" * 4000,  # oversized: refused before any parse
+        ]
+        pipe = store.r.pipeline(transaction=False)
+        for i in range(10_000):
+            pipe.publish(f"{store.channel}:commands", junk[i % len(junk)])
+            if i % 500 == 499:
+                pipe.execute()
+        pipe.execute()
+        poll(lambda: pool.stats().bus.messages_rejected == 10_000, timeout=30)
+        sent = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == sent.generation)
+        stats = pool.stats().bus
+        assert stats.connected and stats.reconnects == 0
+        assert set(stats.rejected) == {
+            "malformed",
+            "bad_signature",
+            "unsigned",
+            "version",
+            "oversized",
+        }
+        lines = [r for r in caplog.records if "rejected" in r.getMessage()]
+        assert len(lines) <= len(stats.rejected)  # one per kind; the rest is a summary later
+    finally:
+        engine.dispose()
+
+
+def test_a_password_in_the_bus_url_is_never_shown(tmp_path, caplog, monkeypatch, capsys):
+    """user:password@ and ?password= are masked in stats, logs, warnings and CLI errors."""
+    import warnings
+
+    from sqla_rebalance.cli import main
+
+    port = find_free_port(["127.0.0.1"])  # nothing listens: every connect fails
+    caplog.set_level("INFO", logger="sqla_rebalance")
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    for url in (
+        f"redis://127.0.0.1:{port}/0?password=hunter2secret",
+        f"redis://app:hunter2secret@127.0.0.1:{port}/0",
+        f"redis://127.0.0.1:{port}/0?channel=c1&password=hunter2secret",
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = create_engine(
+                f"sqlite:///{tmp_path}/app.db", poolclass=RebalancingQueuePool, broadcast=url
+            )
+        try:
+            poll(lambda engine=engine: engine.pool.stats().bus.last_error)
+            stats = engine.pool.stats().bus
+            shown = [
+                stats.url or "",
+                stats.last_error or "",
+                repr(engine.pool.stats().as_dict()),
+                *(str(w.message) for w in caught),
+                *(r.getMessage() for r in caplog.records),
+            ]
+            assert "***" in stats.url
+        finally:
+            engine.dispose()
+        assert main(["recycle", "--bus", url]) == 3
+        assert main(["status", "--bus", url]) == 3
+        assert main(["recycle", "--bus", url.replace("redis://", "redis+x://")]) == 2
+        shown.append(capsys.readouterr().err)
+        assert any("***" in line for line in shown)
+        for line in shown:
+            assert "hunter2secret" not in line
+        caplog.clear()

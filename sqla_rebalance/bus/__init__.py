@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import time
@@ -26,20 +27,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import DEFAULT_CHANNEL, Bus, BusUnavailableError, Subscription, redact, split_channel
+from .base import (
+    DEFAULT_CHANNEL,
+    MAX_GENERATION,
+    Bus,
+    BusDataError,
+    BusUnavailableError,
+    Subscription,
+    redact,
+    split_channel,
+)
 from .message import ACTIONS, Command, encode, new_command
 
 __all__ = [
     "ACTIONS",
+    "MAX_HEARTBEAT_BYTES",
     "Bus",
+    "BusDataError",
     "BusUnavailableError",
     "Command",
+    "Fleet",
     "ProcessStatus",
     "Sent",
     "Subscription",
     "WaitResult",
     "fleet_status",
     "open_bus",
+    "parse_heartbeat",
+    "read_fleet",
     "send_command",
     "wait_for",
 ]
@@ -149,7 +164,8 @@ def send_command(
 
     def build(gen: int) -> bytes:
         built["command"] = stamped = dataclasses.replace(command, gen=gen)
-        return encode(stamped, key)
+        # Signed for this channel: a copy replayed on another one is refused.
+        return encode(stamped, key, channel=target.channel)
 
     gen, receivers = target.publish(build)
     return Sent(generation=gen, command=built["command"], receivers=receivers)
@@ -173,9 +189,12 @@ class ProcessStatus:
         """True for a listener of the calling process."""
         return self.pid == os.getpid() and self.hostname == socket.gethostname()
 
+    def _pools(self) -> list[dict[str, Any]]:
+        return [p for p in self.pools if isinstance(p, dict)]
+
     def has_pool(self, pattern: str) -> bool:
         probe = Command(action="recycle", pool=pattern)
-        return any(probe.matches(str(p.get("pool", ""))) for p in self.pools)
+        return any(probe.matches(str(p.get("pool", ""))) for p in self._pools())
 
     def has_applied(self, generation: int, pattern: str = "*") -> bool:
         """True once every pool matching ``pattern`` is done with ``generation``.
@@ -185,35 +204,146 @@ class ProcessStatus:
         """
         probe = Command(action="recycle", pool=pattern)
         return all(
-            int(p.get("generation", self.generation)) >= generation
-            for p in self.pools
+            _generation_of(p.get("generation", self.generation)) >= generation
+            for p in self._pools()
             if probe.matches(str(p.get("pool", "")))
         )
 
 
-def fleet_status(bus: str | Bus) -> list[ProcessStatus]:
-    """Every live process listening on ``bus``, with its pools' figures."""
+def _generation_of(value: Any) -> int:
+    """A reported generation; anything that is not one counts as nothing applied."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+#: Largest heartbeat read; anything bigger is not one this package wrote.
+MAX_HEARTBEAT_BYTES = 1 << 20
+_POOL_COUNTS = (
+    "open",
+    "idle",
+    "in_use",
+    "pool_size",
+    "connects",
+    "checkouts_waited",
+    "commands_applied",
+    "commands_pending",
+)
+_HOST_COUNTS = ("open", "idle", "in_use")
+
+
+def _count(obj: dict[str, Any], key: str, default: int | None = 0, top: int = 2**53) -> int:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise ValueError(f"{key} is not a count")
+    return value
+
+
+def _text(obj: dict[str, Any], key: str, default: str | None = "", longest: int = 1000) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str) or len(value) > longest:
+        raise ValueError(f"{key} is not a string")
+    return value
+
+
+def _finite(obj: dict[str, Any], key: str, default: float) -> float:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} is not a number")
+    number = float(value)  # OverflowError for 10**400: a ValueError's sibling, caught too
+    if not math.isfinite(number):
+        raise ValueError(f"{key} is not finite")
+    return number
+
+
+def _check_pool(pool: Any) -> dict[str, Any]:
+    if not isinstance(pool, dict):
+        raise ValueError("a pool entry is not an object")
+    _text(pool, "pool", None, 200)
+    if "generation" in pool:
+        _count(pool, "generation", None, MAX_GENERATION)
+    for key in _POOL_COUNTS:
+        _count(pool, key)
+    for key in ("churn_per_min", "retirements"):
+        figures = pool.get(key, {})
+        if not isinstance(figures, dict):
+            raise ValueError(f"{key} is not an object")
+        for name in figures:
+            _finite(figures, name, 0.0)
+    hosts = pool.get("hosts", {})
+    if not isinstance(hosts, dict):
+        raise ValueError("hosts is not an object")
+    for host in hosts.values():
+        if not isinstance(host, dict):
+            raise ValueError("a host entry is not an object")
+        for key in _HOST_COUNTS:
+            _count(host, key)
+        for key in ("health", "role"):
+            if host.get(key) is not None:
+                _text(host, key, None, 100)
+    return pool
+
+
+def parse_heartbeat(raw: bytes | str, now: float | None = None) -> ProcessStatus:
+    """One heartbeat as read from the bus, validated; ``ValueError`` if it is not
+    one this package could have written (junk, or a mistyped field anywhere).
+
+    Validated at the boundary, so that ``status``, ``--wait`` and the front ends
+    never meet a pool entry that is not an object or a generation that is not
+    an int. Unknown fields are allowed (a newer version may add some).
+    """
+    now = time.time() if now is None else now
+    try:
+        if len(raw) > MAX_HEARTBEAT_BYTES:
+            raise ValueError("too large")
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        pools = data.get("pools", [])
+        if not isinstance(pools, list):
+            raise ValueError("pools is not a list")
+        process = _text(data, "process", None, 300)
+        if not process:
+            raise ValueError("no process name")
+        return ProcessStatus(
+            process=process,
+            hostname=_text(data, "hostname", "", 255),
+            pid=_count(data, "pid", 0, 2**32),
+            generation=_count(data, "generation", 0, MAX_GENERATION),
+            age=max(0.0, now - _finite(data, "ts", now)),
+            pools=[_check_pool(p) for p in pools],
+            raw=data,
+        )
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        raise ValueError(f"not a heartbeat: {err}") from None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """What :func:`read_fleet` found on a bus."""
+
+    processes: list[ProcessStatus]
+    #: Heartbeats that could not be read (junk on the bus), skipped.
+    invalid: int = 0
+
+
+def read_fleet(bus: str | Bus) -> Fleet:
+    """Every live process listening on ``bus``, and how many heartbeats were junk."""
     target = open_bus(bus)
     now = time.time()
     out = []
+    invalid = 0
     for raw in target.heartbeats():
         try:
-            data = json.loads(raw)
-            out.append(
-                ProcessStatus(
-                    process=str(data["process"]),
-                    hostname=str(data.get("hostname", "")),
-                    pid=int(data.get("pid", 0)),
-                    generation=int(data.get("generation", 0)),
-                    age=max(0.0, now - float(data.get("ts", now))),
-                    pools=list(data.get("pools", [])),
-                    raw=data,
-                )
-            )
-        except (ValueError, KeyError, TypeError):
-            continue  # a heartbeat we cannot read is not a process we can report on
+            out.append(parse_heartbeat(raw, now))
+        except ValueError:
+            invalid += 1  # a heartbeat we cannot read is not a process we can report on
     out.sort(key=lambda p: p.process)
-    return out
+    return Fleet(out, invalid)
+
+
+def fleet_status(bus: str | Bus) -> list[ProcessStatus]:
+    """Every live process listening on ``bus``, with its pools' figures
+    (unreadable heartbeats are skipped: :func:`read_fleet` counts them)."""
+    return read_fleet(bus).processes
 
 
 @dataclass(frozen=True)
@@ -226,6 +356,8 @@ class WaitResult:
     pending: list[ProcessStatus]
     #: Seen not done during the wait, then gone (exited, or lost the bus).
     lost: list[ProcessStatus] = field(default_factory=list)
+    #: Heartbeats skipped as unreadable at the last look (junk on the bus).
+    invalid: int = 0
 
     @property
     def complete(self) -> bool:
@@ -247,17 +379,29 @@ def wait_for(
     A process whose heartbeat expires meanwhile (it exited, or lost the bus)
     is no longer waited for, and is reported in ``lost``. Returns who has and
     who has not; ``complete`` is False when no process has a matching pool.
+    ``timeout`` and ``interval`` must be finite numbers of seconds, ``timeout``
+    >= 0 and ``interval`` > 0 (``ValueError`` otherwise: a NaN would poll
+    forever, as fast as it can).
     """
+    for name, value, least in (("timeout", timeout, 0.0), ("interval", interval, 1e-3)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < least
+        ):
+            raise ValueError(f"{name} must be a finite number of seconds >= {least:g}")
     target = open_bus(bus)
     deadline = time.monotonic() + timeout
     waiting: dict[str, ProcessStatus] = {}
     while True:
-        procs = [p for p in fleet_status(target) if p.has_pool(pool)]
+        fleet = read_fleet(target)
+        procs = [p for p in fleet.processes if p.has_pool(pool)]
         applied = [p for p in procs if p.has_applied(generation, pool)]
         pending = [p for p in procs if not p.has_applied(generation, pool)]
         waiting.update((p.process, p) for p in pending)
         live = {p.process for p in procs}
         lost = [p for key, p in sorted(waiting.items()) if key not in live]
         if (applied and not pending) or time.monotonic() >= deadline:
-            return WaitResult(generation, applied, pending, lost)
+            return WaitResult(generation, applied, pending, lost, fleet.invalid)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))

@@ -16,23 +16,39 @@ larger of the last generation + 1 and the current time in milliseconds. They
 only grow, even when the store loses its data (a Redis without persistence
 restarted, a table truncated): a receiver never mistakes a new command for
 a replay of an old one.
+
+Whatever a transport reads from the store is untrusted: anybody with write
+access to the bus can put junk there. Generations read back are bounded
+(:func:`publish_ceiling`, :func:`read_ceiling`), so a junk entry far in the
+future (``1e15``, ``+inf``, ``2**63-1``) can neither push the next generation
+out of ``bigint`` range nor hide the commands that follow it; only a verified
+message moves a listener's state (see ``listener.py``). Data a transport
+cannot read at all raises :class:`BusDataError`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 __all__ = [
     "DEFAULT_CHANNEL",
+    "FUTURE_LIMIT",
     "LOG_LENGTH",
+    "MAX_GENERATION",
     "Bus",
+    "BusDataError",
     "BusUnavailableError",
     "Subscription",
+    "log_generation",
     "next_generation",
+    "publish_ceiling",
+    "read_ceiling",
     "redact",
     "split_channel",
 ]
@@ -44,24 +60,110 @@ DEFAULT_CHANNEL = "sqla_rebalance"
 LOG_LENGTH = 1000
 
 
+#: Largest generation a store can hold (PostgreSQL ``bigint``, SQLite ``INTEGER``).
+MAX_GENERATION = 2**63 - 1
+#: Seconds: a generation stored further than this ahead of the publisher's
+#: clock (in ms) is not one this package wrote, and is ignored when the next
+#: generation is computed. Readers accept twice as much (clocks differ).
+FUTURE_LIMIT = 86400.0
+
+
 class BusUnavailableError(Exception):
     """The bus could not be reached or the connection to it was lost."""
 
 
+class BusDataError(BusUnavailableError):
+    """The bus holds data this package cannot read (a key or row overwritten
+    with junk): a problem of the bus, like an unreachable one (CLI exit 3)."""
+
+
+def publish_ceiling(now: float | None = None) -> int:
+    """Highest stored generation a publisher continues from (now + 1 day, in ms)."""
+    now = time.time() if now is None else now
+    return min(MAX_GENERATION, int((now + FUTURE_LIMIT) * 1000))
+
+
+def read_ceiling(now: float | None = None) -> int:
+    """Highest generation a reader takes from the log or a message (now + 2 days, in ms)."""
+    now = time.time() if now is None else now
+    return min(MAX_GENERATION, int((now + 2 * FUTURE_LIMIT) * 1000))
+
+
 def next_generation(last: int, now: float | None = None) -> int:
-    """The generation after ``last``: ``max(last + 1, now in ms)``."""
-    ms = int((time.time() if now is None else now) * 1000)
+    """The generation after ``last``: ``max(last + 1, now in ms)``.
+
+    A ``last`` outside ``0 .. now + 1 day`` (junk written into the store, or
+    a clock that was far ahead) is ignored, so the result always fits in an
+    int64 and stays close to the clock.
+    """
+    now = time.time() if now is None else now
+    ms = int(now * 1000)
+    if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= publish_ceiling(now):
+        last = 0
     return max(last + 1, ms)
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for logs and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+def log_generation(value: object, floor: int, ceiling: int) -> int | None:
+    """A log entry's generation as a store returned it (a Redis score, a column),
+    or None when it is not one: not a finite number, or outside ``(floor, ceiling]``.
+
+    A fractional score is rounded up, so that every generation returned is
+    above ``floor`` and a reader paging through the log always moves on.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        gen = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        gen = math.ceil(value)
+    else:
+        return None
+    return gen if floor < gen <= ceiling else None
+
+
+# -- hiding passwords ---------------------------------------------------------------
+#: Query or conninfo parameters whose value is a secret.
+_SECRET_KEYS = r"password|passwd|pwd|pass|sslpassword|secret|token|auth"
+_QUERY_SECRET = re.compile(
+    rf"(?i)(?P<key>(?:^|(?<=[?&;\s]))(?:{_SECRET_KEYS}))=(?P<value>'[^']*'|[^&;#\s]*)"
+)
+#: ``scheme://user:password@`` anywhere in a text (the password may hold ``@``
+#: or ``:`` unencoded: the last ``@`` before the host ends it).
+_USERINFO = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*)"
+    r":(?P<pw>[^/?#\s]*)@(?=[^@/?#\s]*(?:[/?#\s]|$))"
+)
+
+
+def _secret_values(url: str) -> set[str]:
+    values = {m.group("pw") for m in _USERINFO.finditer(url)}
+    values |= {m.group("value").strip("'") for m in _QUERY_SECRET.finditer(url)}
+    values |= {unquote(v) for v in values}
+    # Too short to replace in free text without mangling it (and ``***`` itself).
+    return {v for v in values if len(v) >= 3 and v != "***"}
+
+
+def redact(text: str, url: str | None = None) -> str:
+    """``text`` with every password masked as ``***``: the one helper for every
+    place a bus URL or an error about it is shown (stats, logs, warnings, CLI).
+
+    Masks the password of any ``scheme://user:password@host`` and the value of
+    any ``password=`` (``passwd``, ``sslpassword``, ``secret``, ``token``...)
+    query or conninfo parameter in ``text``. With ``url``, also every literal
+    occurrence of that URL's passwords (raw or percent-decoded): a driver's
+    error message may quote them. Never raises.
+    """
+    try:
+        out = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", text)
+        out = _QUERY_SECRET.sub(lambda m: f"{m.group('key')}=***", out)
+        if url:
+            for value in sorted(_secret_values(url), key=len, reverse=True):
+                out = out.replace(value, "***")
+        return out
+    except Exception:  # pragma: no cover - a display helper must not break its caller
+        return "<a bus URL (not shown)>"
 
 
 def split_channel(url: str, default: str = DEFAULT_CHANNEL) -> tuple[str, str]:
@@ -156,7 +258,16 @@ class Bus(ABC):
 
     @property
     def display_url(self) -> str:
+        """The URL with its passwords masked (see :func:`redact`)."""
         return redact(self.url)
+
+    def redact(self, text: str) -> str:
+        """``text`` (a driver's error message, say) with this bus's passwords masked."""
+        return redact(text, self.url)
+
+    def error(self, kind: str, err: BaseException) -> BusUnavailableError:
+        """The error to raise for ``err``: the URL masked, and the driver's message too."""
+        return BusUnavailableError(f"{kind} {self.display_url}: {self.redact(str(err))}")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.display_url} channel={self.channel}>"

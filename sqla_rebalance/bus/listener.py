@@ -24,6 +24,13 @@ What a listener does, in order of importance:
 5. **Reports.** A heartbeat with every attached pool's figures is written
    every few seconds (and soon after a command), for ``sqla-rebalance
    status`` and ``recycle --wait``.
+6. **Trusts nothing it has not verified.** Only a message that passed
+   :func:`~.message.decode` (signature included) moves the generation
+   applied, the log cursor, the history mark or what the heartbeats report
+   to ``--wait``. A rejected log entry is read past within one catch-up, but
+   the next catch-up starts below it again (it is remembered, so it is
+   counted once). Junk is rejected cheaply (size before parse) and logged
+   as a rate-limited summary, never once per message.
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..stats import BusStats
-from .base import Bus, Subscription
-from .message import REJECTION_KINDS, REPLAYED, STALE, Command, Rejected, decode
+from .base import Bus, BusDataError, BusUnavailableError, Subscription
+from .message import MAX_BYTES, REJECTION_KINDS, REPLAYED, STALE, Command, Rejected, decode
 
 if TYPE_CHECKING:
     from ..pool import RebalancingQueuePool
@@ -86,6 +93,13 @@ _STABLE = 5.0
 #: Rejections of one kind are logged once, then at most once per this.
 _LOG_EVERY = 60.0
 _RECENT = 4096
+#: Messages handled in a row before the thread lets the others run. A flood must
+#: not hold the GIL: the application's threads would wait for it up to the
+#: switch interval (5 ms) at each step. Measured (benchmarks/bus_flood.py, 10,000
+#: junk msg/s, docs/benchmarks.md): every 8 keeps the application's p99 round
+#: trip near 1 ms (7 ms without), and the listener still keeps up with the flood;
+#: every message gains a little more p99 but lets the listener fall seconds behind.
+_YIELD_EVERY = 8
 #: Seconds after a (re)connect during which heartbeats come every second.
 _FAST_HEARTBEATS = 5.0
 
@@ -175,11 +189,14 @@ class Listener:
         #: Highest generation processed, and the recent ones with how they
         #: arrived (True: live), to tell a duplicate read from a replay.
         self.applied = 0
-        #: Where the next catch-up read of the log starts: past everything
-        #: read there, including entries that were rejected.
+        #: Where the next catch-up read of the log starts: the highest verified
+        #: generation read there (never moved by an entry that was rejected).
         self._log_cursor = 0
-        #: Highest generation in the log from before this listener existed.
+        #: Highest verified generation in the log from before this listener existed.
         self._history = 0
+        #: Log entries rejected already, by (position, hash): read past again
+        #: at each catch-up, counted once.
+        self._log_rejected: dict[tuple[int, int], None] = {}
         self._recent: deque[int] = deque(maxlen=_RECENT)
         self._recent_live: dict[int, bool] = {}
         self.accepted = 0
@@ -283,6 +300,7 @@ class Listener:
         deadline = time.monotonic() + seconds
         while True:
             self._run_pending(time.time())
+            self._log_summary()
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -295,13 +313,16 @@ class Listener:
         was = self.connected
         first = self.last_error is None and self.connects == 0
         self.connected = False
-        self.last_error = f"{type(err).__name__}: {err}"
+        # Masked: a driver's message may quote the URL, password included (the
+        # transports' own errors are masked already).
+        shown = str(err) if isinstance(err, BusUnavailableError) else self.bus.redact(str(err))
+        self.last_error = f"{type(err).__name__}: {shown}"
         if was:
-            log.warning("bus %s: connection lost (%s); reconnecting", self.bus, err)
+            log.warning("bus %s: connection lost (%s); reconnecting", self.bus, shown)
         elif first:
-            log.warning("bus %s: cannot connect (%s); retrying in the background", self.bus, err)
+            log.warning("bus %s: cannot connect (%s); retrying in the background", self.bus, shown)
         else:
-            log.info("bus %s: cannot connect (%s); retrying", self.bus, err)
+            log.info("bus %s: cannot connect (%s); retrying", self.bus, shown)
 
     def _serve(self, sub: Subscription) -> None:
         self.connected = True
@@ -320,6 +341,8 @@ class Listener:
             while raw is not None:
                 self._receive(raw, live=True)
                 burst += 1
+                if burst % _YIELD_EVERY == 0:
+                    time.sleep(0)  # let the application's threads have the GIL
                 # Drain what is queued before doing anything else, but
                 # stay responsive to a flood.
                 raw = sub.get(0.0) if burst < 1000 else None
@@ -329,10 +352,15 @@ class Listener:
                 self._catch_up(sub)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + _jitter(POLL_INTERVAL)
-                if sub.generation() > max(self.applied, self._log_cursor):
+                try:
+                    behind = sub.generation() > max(self.applied, self._log_cursor)
+                except BusDataError:  # junk in the generation key: read the log anyway
+                    behind = True
+                if behind:
                     self._catch_up(sub)
             now = time.time()
             self._run_pending(now)
+            self._log_summary()
             if now >= self._heartbeat_due:
                 self._heartbeat(sub)
 
@@ -346,41 +374,75 @@ class Listener:
 
     # -- receiving ---------------------------------------------------------------
     def _catch_up(self, sub: Subscription) -> None:
-        """Apply what the log holds beyond the last generation processed."""
+        """Apply what the log holds beyond the last verified generation processed."""
+        start = max(self.applied, self._log_cursor)
+        position = start  # paging through this read only: not a cursor
         while True:
-            batch = sub.since(max(self.applied, self._log_cursor))
-            for gen, raw in batch:
-                if _issued_before(raw, self.created_at - ATTACH_GRACE):
-                    # History from before this listener existed: not ours to
-                    # apply, nor to count (after a secret rotation, all of it
-                    # is signed with the old secret). Skipped unverified, which
-                    # is safe; only --wait reports take it as done.
-                    self._history = max(self._history, gen)
-                    self._settle()
-                else:
-                    self._receive(raw, live=False)
-                self._log_cursor = max(self._log_cursor, gen)
-            if len(batch) < 100:
+            batch = sub.since(position)
+            moved = False
+            for n, (gen, raw) in enumerate(batch, 1):
+                if gen > position:
+                    position, moved = gen, True
+                self._receive_logged(gen, raw)
+                if n % _YIELD_EVERY == 0:
+                    time.sleep(0)
+            if not batch or not moved:
                 return
+
+    def _receive_logged(self, position: int, raw: bytes) -> None:
+        """One log entry: verified, then applied, skipped as history, or rejected."""
+        key = (position, hash(raw))
+        if key in self._log_rejected:
+            return  # rejected at an earlier catch-up: counted then
+        received = time.time()
+        try:
+            command = decode(raw, self.secret, channel=self.bus.channel, max_age=None, now=received)
+        except Rejected as rejected:
+            self._remember_rejected(key)
+            if not _issued_before(raw, self.created_at - ATTACH_GRACE):
+                self._reject(rejected.kind, rejected.detail)
+            # History that fails verification (signed with a secret since
+            # rotated, or junk claiming to be old) is not counted, and moves
+            # nothing: not the history mark, not the cursor.
+            return
+        if command.issued_at < self.created_at - ATTACH_GRACE:
+            # History from before this listener existed, verified: not ours
+            # to apply; --wait reports take it as done.
+            self._history = max(self._history, command.gen)
+            self._log_cursor = max(self._log_cursor, command.gen)
+            self._settle()
+            return
+        if not self._accept(command, live=False, received=received):
+            self._remember_rejected(key)
+        self._log_cursor = max(self._log_cursor, min(command.gen, self.applied))
+
+    def _remember_rejected(self, key: tuple[int, int]) -> None:
+        if len(self._log_rejected) >= _RECENT:
+            self._log_rejected.pop(next(iter(self._log_rejected)))
+        self._log_rejected[key] = None
 
     def _receive(self, raw: bytes, live: bool) -> None:
         received = time.time()
         try:
-            command = decode(raw, self.secret, max_age=None, now=received)
+            command = decode(raw, self.secret, channel=self.bus.channel, max_age=None, now=received)
         except Rejected as rejected:
             self._reject(rejected.kind, rejected.detail)
             return
-        if live and abs(received - command.issued_at) > LIVE_MAX_AGE:
+        self._accept(command, live, received)
+
+    def _accept(self, command: Command, live: bool, received: float) -> bool:
+        """Apply a verified command; False if it was refused (and counted)."""
+        age = received - command.issued_at
+        if (live and abs(age) > LIVE_MAX_AGE) or (not live and -age > LIVE_MAX_AGE):
             if command.gen > self.applied:
                 # Genuine but too old (or from a clock far off): refused, and
                 # marked processed, so that reading it from the log later does
                 # not apply it behind the window's back. Not settled: --wait
                 # must not report it applied.
                 self._processed(command.gen, live)
-            age = received - command.issued_at
             when = f"{age:.0f}s ago" if age > 0 else f"{-age:.0f}s in the future"
             self._reject(STALE, f"issued {when} (window {LIVE_MAX_AGE:g}s)")
-            return
+            return False
         gen = command.gen
         if gen <= self.applied:
             seen_live = self._recent_live.get(gen)
@@ -389,16 +451,16 @@ class Listener:
                 # the normal overlap of the two paths, not an attack.
                 self._recent_live[gen] = True
                 self.duplicates += 1
-            else:
-                # Pub/sub delivers a message once: the same generation again
-                # (or an older one) is somebody re-publishing it.
-                self._reject(REPLAYED, f"generation {gen} <= {self.applied}")
-            return
+                return True
+            # Pub/sub delivers a message once: the same generation again
+            # (or an older one) is somebody re-publishing it.
+            self._reject(REPLAYED, f"generation {gen} <= {self.applied}")
+            return False
         self._processed(gen, live)
-        if not live and received - command.issued_at > CATCH_UP_MAX_AGE:
+        if not live and age > CATCH_UP_MAX_AGE:
             self._settle()
             self._reject(STALE, f"logged command {gen} is older than {CATCH_UP_MAX_AGE:g}s")
-            return
+            return False
         self.accepted += 1
         # Connections opened after the command was issued are already fresh.
         cutoff = received if live else min(command.issued_at, received)
@@ -409,6 +471,7 @@ class Listener:
                 self._dispatch(pool, member, command, cutoff, received)
         self._settle()
         self._heartbeat_due = min(self._heartbeat_due, received + 0.2)
+        return True
 
     def _settle(self) -> None:
         """Pools with nothing waiting have done everything up to ``applied``."""
@@ -465,15 +528,35 @@ class Listener:
             log.exception("pool %s: applying %s failed", pool.pool_name, command.describe())
 
     def _reject(self, kind: str, detail: str) -> None:
+        # Per message: two dict updates. The log gets the first rejection of a
+        # kind, then a summary at most once per _LOG_EVERY (see _log_summary).
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
-        now = time.monotonic()
-        last, suppressed = self._logged.get(kind, (-1e18, 0))
-        if now - last < _LOG_EVERY:
-            self._logged[kind] = (last, suppressed + 1)
+        logged = self._logged.get(kind)
+        if logged is not None:
+            self._logged[kind] = (logged[0], logged[1] + 1)
             return
-        self._logged[kind] = (now, 0)
-        more = f" ({suppressed} more like it since the last report)" if suppressed else ""
-        log.warning("bus %s: rejected a message: %s: %s%s", self.bus, kind, detail, more)
+        self._logged[kind] = (time.monotonic(), 0)
+        log.warning("bus %s: rejected a message: %s: %s", self.bus, kind, detail[:200])
+
+    def _log_summary(self, force: bool = False) -> None:
+        """Say how many rejections were left out of the log, once per _LOG_EVERY."""
+        if not self._logged:
+            return
+        now = time.monotonic()
+        for kind, (since, suppressed) in list(self._logged.items()):
+            if now - since < _LOG_EVERY and not force:
+                continue
+            if suppressed:
+                log.warning(
+                    "bus %s: rejected %d more message(s) of kind %s in the last %.0fs",
+                    self.bus,
+                    suppressed,
+                    kind,
+                    now - since,
+                )
+                self._logged[kind] = (now, 0)
+            else:
+                del self._logged[kind]  # quiet for a whole period: the next one is logged
 
     # -- reporting ---------------------------------------------------------------
     def _heartbeat(self, sub: Subscription) -> None:
@@ -560,7 +643,10 @@ class Listener:
 
 
 def _issued_before(raw: bytes, floor: float) -> bool:
-    """True if ``raw`` says it was issued before ``floor`` (unverified: only to skip it)."""
+    """True if ``raw`` says it was issued before ``floor``: unverified, so only used
+    to decide whether a rejected log entry is counted (history is not)."""
+    if len(raw) > MAX_BYTES:
+        return False
     try:
         issued = json.loads(raw).get("issued_at")
     except (ValueError, AttributeError, RecursionError):

@@ -1,16 +1,23 @@
-"""Cluster-wide commands on the wire: small, versioned, signed JSON.
+"""Cluster-wide commands on the wire: small, versioned, signed JSON (wire version 2).
 
 A command is one JSON object of at most :data:`MAX_BYTES` bytes (far below
 PostgreSQL's 8000-byte ``NOTIFY`` payload limit)::
 
-    {"v": 1, "gen": 1764662400123, "action": "recycle", "pool": "orders",
+    {"v": 2, "gen": 1764662400123, "action": "recycle", "pool": "orders",
      "host": null, "spread": 30.0, "issued_at": 1764662400.123,
      "nonce": "9f2c...", "mac": "<hex HMAC-SHA256>"}
 
-The MAC is HMAC-SHA256 over the *canonical* form of every other field:
-``json.dumps(fields, sort_keys=True, separators=(",", ":"))``. Verification
-recomputes it from the parsed object, so key order and whitespace on the wire
-do not matter, and compares with :func:`hmac.compare_digest` (constant time).
+The MAC is HMAC-SHA256 over the *canonical* form of every other field **plus
+the bus channel** it is sent on (``"channel": "<name>"``, which is not sent:
+each side knows its own): ``json.dumps(fields | {"channel": channel},
+sort_keys=True, separators=(",", ":"))``. The wire version ``v`` is one of
+the signed fields, so a message signed for one channel or one version is
+refused on another (``bad_signature``, ``version``). Verification recomputes
+the MAC from the parsed object, so key order and whitespace on the wire do
+not matter, and compares with :func:`hmac.compare_digest` (constant time).
+
+Version 1 (the first releases, whose MAC did not cover the channel) is
+refused as ``version``: a captured v1 command could be replayed on any channel.
 
 ``gen`` is the command's generation, given by the bus when it is published
 (see ``base.next_generation``): it only grows, so a receiver that has applied
@@ -19,7 +26,7 @@ bounds how long a captured message stays usable; ``nonce`` makes two commands
 with the same content and second distinct.
 
 Decoding never raises anything but :class:`Rejected`, whose ``kind`` is one of
-:data:`REJECTION_KINDS`: a receiver counts it and moves on.
+:data:`REJECTION_KINDS`, whatever the input: a receiver counts it and moves on.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .base import read_ceiling
+
 __all__ = [
     "ACTIONS",
     "MAX_BYTES",
@@ -46,7 +55,8 @@ __all__ = [
     "new_command",
 ]
 
-VERSION = 1
+#: Wire version: 2 signs the channel and the version with the other fields.
+VERSION = 2
 #: ``recycle``: replace connections gracefully (over ``spread`` seconds);
 #: ``rebalance``: move only the excess connections between hosts;
 #: ``refresh``: re-resolve DNS names, re-check failed hosts now, rebalance;
@@ -165,15 +175,16 @@ def _canonical(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _mac(secret: bytes, fields: dict[str, Any]) -> str:
-    return hmac.new(secret, _canonical(fields), hashlib.sha256).hexdigest()
+def _mac(secret: bytes, fields: dict[str, Any], channel: str) -> str:
+    signed = {**fields, "channel": channel}
+    return hmac.digest(secret, _canonical(signed), hashlib.sha256).hex()  # the C one-shot
 
 
-def encode(command: Command, secret: bytes | None) -> bytes:
-    """The wire form of ``command``, signed when ``secret`` is given."""
+def encode(command: Command, secret: bytes | None, *, channel: str) -> bytes:
+    """The wire form of ``command`` for ``channel``, signed when ``secret`` is given."""
     fields = command.fields()
     if secret:
-        fields["mac"] = _mac(secret, fields)
+        fields["mac"] = _mac(secret, fields, channel)
     data = _canonical(fields)
     if len(data) > MAX_BYTES:
         raise ValueError(f"command is {len(data)} bytes, more than {MAX_BYTES}")
@@ -182,52 +193,93 @@ def encode(command: Command, secret: bytes | None) -> bytes:
 
 def _number(obj: dict[str, Any], key: str) -> float:
     value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Rejected(MALFORMED, f"{key} must be a finite number")
-    return float(value)
+    try:
+        number = float(value)  # an int beyond float range (10**400) overflows
+    except OverflowError:
+        raise Rejected(MALFORMED, f"{key} must be a finite number") from None
+    if not math.isfinite(number):
+        raise Rejected(MALFORMED, f"{key} must be a finite number")
+    return number
 
 
 def decode(
     raw: bytes | str,
     secret: bytes | None,
     *,
+    channel: str,
     max_age: float | None,
     now: float | None = None,
 ) -> Command:
-    """Parse and verify one message; raise :class:`Rejected` if it must not be applied.
+    """Parse and verify one message received on ``channel``; raise :class:`Rejected`
+    if it must not be applied (and nothing else, whatever ``raw`` holds).
 
     With ``secret`` None (a bus configured without ``broadcast_secret``) the
     MAC is not checked: anybody who can publish on the bus is trusted.
     ``max_age`` rejects a message whose ``issued_at`` is further than that
     from ``now`` in either direction (None: no age check, for catch-up reads
-    of the durable log, whose age is bounded by the listener instead).
+    of the durable log, whose age is bounded by the listener instead). A
+    ``gen`` more than two days ahead of ``now`` (in ms) is malformed: no
+    publisher of this package allocates one.
     """
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogateescape")
+    try:
+        return _decode(raw, secret, channel, max_age, now)
+    except Rejected:
+        raise
+    except Exception as err:  # a bug here must not look like a lost connection
+        raise Rejected(MALFORMED, f"unreadable ({type(err).__name__})") from None
+
+
+def _decode(
+    raw: bytes | str,
+    secret: bytes | None,
+    channel: str,
+    max_age: float | None,
+    now: float | None,
+) -> Command:
+    # Cheap checks first: a flood of junk costs a length test, not a parse.
     if len(raw) > MAX_BYTES:
         raise Rejected(OVERSIZED, f"{len(raw)} bytes (limit {MAX_BYTES})")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+        if len(raw) > MAX_BYTES:
+            raise Rejected(OVERSIZED, f"{len(raw)} bytes (limit {MAX_BYTES})")
+    if raw.lstrip(b" \t\r\n")[:1] != b"{":  # not even the start of an object: no parse
+        raise Rejected(MALFORMED, "not a JSON object")
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError):
         raise Rejected(MALFORMED, "not JSON") from None
     if not isinstance(obj, dict):
         raise Rejected(MALFORMED, "not a JSON object")
-    if obj.get("v") != VERSION:
-        raise Rejected(VERSION_MISMATCH, f"version {obj.get('v')!r} (this is {VERSION})")
+    version = obj.get("v")
+    if type(version) is not int or version != VERSION:  # not True, not 2.0
+        shown = repr(version)[:20] if isinstance(version, (int, float, str)) else "?"
+        raise Rejected(VERSION_MISMATCH, f"version {shown} (this is {VERSION})")
     mac = obj.pop("mac", None)
     if secret:
         if mac is None:
             raise Rejected(UNSIGNED, "no mac")
+        if "channel" in obj:  # signed implicitly: never on the wire
+            raise Rejected(MALFORMED, "unknown fields ['channel']")
+        try:
+            expected = _mac(secret, obj, channel)
+        except (ValueError, RecursionError):
+            raise Rejected(MALFORMED, "not a canonical JSON object") from None
         if not isinstance(mac, str) or not hmac.compare_digest(
-            mac.encode("ascii", "replace"), _mac(secret, obj).encode("ascii")
+            mac.encode("ascii", "replace"), expected.encode("ascii")
         ):
             raise Rejected(BAD_SIGNATURE, "mac does not match")
     unknown = set(obj) - _FIELDS
     if unknown:
-        raise Rejected(MALFORMED, f"unknown fields {sorted(unknown)}")
+        raise Rejected(MALFORMED, f"unknown fields {sorted(unknown)[:5]}"[:200])
+    clock = time.time() if now is None else now
     gen = obj.get("gen")
     if isinstance(gen, bool) or not isinstance(gen, int) or gen <= 0:
         raise Rejected(MALFORMED, "gen must be a positive integer")
+    if gen > read_ceiling(clock):
+        raise Rejected(MALFORMED, "gen is more than two days ahead of the clock")
     action = obj.get("action")
     if not isinstance(action, str):
         raise Rejected(MALFORMED, "action must be a string")
@@ -243,13 +295,13 @@ def decode(
         raise Rejected(MALFORMED, f"{action} takes no host")
     spread = _number(obj, "spread")
     if not 0.0 <= spread <= MAX_SPREAD:
-        raise Rejected(MALFORMED, f"spread {spread} out of range")
+        raise Rejected(MALFORMED, f"spread {spread:g} out of range")
     issued_at = _number(obj, "issued_at")
     nonce = obj.get("nonce")
     if not isinstance(nonce, str) or len(nonce) > 64:
         raise Rejected(MALFORMED, "nonce must be a string of at most 64 characters")
     if max_age is not None:
-        age = (time.time() if now is None else now) - issued_at
+        age = clock - issued_at
         if abs(age) > max_age:
             when = f"{age:.0f}s ago" if age > 0 else f"{-age:.0f}s in the future"
             raise Rejected(STALE, f"issued {when} (window {max_age:g}s)")

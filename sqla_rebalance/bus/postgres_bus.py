@@ -14,6 +14,11 @@ if that transaction commits, so a listener never hears of a command that is
 not in the log. Each listening process holds one autocommit connection
 (``application_name`` ``sqla-rebalance-listener``) and also writes its
 heartbeats through it.
+
+What is read back is untrusted: generations are read within ``now + 1 day``
+(publishing) or ``now + 2 days`` (listening), so a junk row at
+``gen = 2**63-1`` neither makes the next publish fail ("bigint out of
+range") nor hides the commands after it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
+from .base import (
+    LOG_LENGTH,
+    Bus,
+    BusUnavailableError,
+    Subscription,
+    log_generation,
+    next_generation,
+    publish_ceiling,
+    read_ceiling,
+)
 
 __all__ = ["SCHEMA", "PostgresBus"]
 
@@ -83,7 +97,10 @@ class PostgresBus(Bus):
                 **_OPTIONS,
             )
         except psycopg.Error as err:
-            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
+            raise self._error(err) from err
+
+    def _error(self, err: Exception) -> BusUnavailableError:
+        return self.error("postgresql", err)
 
     def ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         """Create the tables if they are missing.
@@ -106,11 +123,8 @@ class PostgresBus(Bus):
             self.ensure_schema(conn)
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                row = conn.execute(
-                    "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands WHERE channel = %s",
-                    (self.channel,),
-                ).fetchone()
-                gen = next_generation(int(row[0]) if row else 0)
+                # Rows beyond now + 1 day are junk: not continued from (bigint overflow).
+                gen = next_generation(_generation(conn, self.channel, publish_ceiling()))
                 data = build(gen).decode("ascii")
                 conn.execute(
                     "INSERT INTO sqla_rebalance_commands (channel, gen, message)"
@@ -133,13 +147,13 @@ class PostgresBus(Bus):
         try:
             yield conn
         except psycopg.Error as err:
-            raise BusUnavailableError(f"postgresql {self.display_url}: {err}") from err
+            raise self._error(err) from err
         finally:
             conn.close()
 
     def generation(self) -> int:
         with self._session() as conn:
-            return _generation(conn, self.channel)
+            return _generation(conn, self.channel, publish_ceiling())
 
     def heartbeats(self) -> list[bytes]:
         with self._session() as conn:
@@ -164,15 +178,17 @@ def _tables_exist(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
-def _generation(conn: psycopg.Connection[Any], channel: str) -> int:
+def _generation(conn: psycopg.Connection[Any], channel: str, ceiling: int) -> int:
+    """The highest generation in the log up to ``ceiling`` (0: none)."""
     try:
         row = conn.execute(
-            "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands WHERE channel = %s",
-            (channel,),
+            "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands"
+            " WHERE channel = %s AND gen <= %s",
+            (channel, ceiling),
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         return 0
-    return int(row[0]) if row else 0
+    return (log_generation(row[0], 0, ceiling) or 0) if row else 0
 
 
 class _PostgresSubscription(Subscription):
@@ -198,7 +214,7 @@ class _PostgresSubscription(Subscription):
             raise self._fail(err) from err
 
     def _fail(self, err: Exception) -> BusUnavailableError:
-        return BusUnavailableError(f"postgresql {self._bus.display_url}: {err}")
+        return self._bus._error(err)
 
     def get(self, timeout: float) -> bytes | None:
         if not self._buffer:
@@ -216,22 +232,30 @@ class _PostgresSubscription(Subscription):
 
     def generation(self) -> int:
         try:
-            return _generation(self._conn, self._bus.channel)
+            return _generation(self._conn, self._bus.channel, publish_ceiling())
         except psycopg.Error as err:
             raise self._fail(err) from err
 
     def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
+        ceiling = read_ceiling()
+        if gen >= ceiling:
+            return []
         try:
             rows = self._conn.execute(
                 "SELECT gen, message FROM sqla_rebalance_commands"
-                " WHERE channel = %s AND gen > %s ORDER BY gen LIMIT %s",
-                (self._bus.channel, gen, limit),
+                " WHERE channel = %s AND gen > %s AND gen <= %s ORDER BY gen LIMIT %s",
+                (self._bus.channel, gen, ceiling, limit),
             ).fetchall()
         except psycopg.errors.UndefinedTable:
             return []
         except psycopg.Error as err:
             raise self._fail(err) from err
-        return [(int(r[0]), str(r[1]).encode("utf-8", "surrogateescape")) for r in rows]
+        out = []
+        for position, message in rows:
+            checked = log_generation(position, gen, ceiling)
+            if checked is not None:
+                out.append((checked, str(message).encode("utf-8", "surrogateescape")))
+        return out
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         if not self._can_heartbeat:

@@ -11,6 +11,12 @@ Keys, all under the channel name (default ``sqla_rebalance``):
 
 A publish is one ``WATCH``/``MULTI`` transaction (generation, log, publish),
 so publishers never interleave: generations reach every listener in order.
+
+What is read back is untrusted: a generation key that does not hold a
+decimal integer raises :class:`~.base.BusDataError`; one out of range (a junk
+``1e15``) is ignored by the next publish, which overwrites it; log entries
+are read only within ``(cursor, now + 2 days]`` by score, so a ``+inf`` or
+``1e15`` entry is never even returned.
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from typing import Any, cast
 import redis
 from redis.client import PubSub
 
-from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
+from .base import (
+    LOG_LENGTH,
+    Bus,
+    BusDataError,
+    BusUnavailableError,
+    Subscription,
+    log_generation,
+    next_generation,
+    publish_ceiling,
+    read_ceiling,
+)
 
 __all__ = ["RedisBus"]
 
@@ -43,6 +59,20 @@ class _PubSub(PubSub):
         super().on_connect(connection)
         if self.owner is not None:
             self.owner.reconnected = True
+
+
+def _stored_generation(bus: RedisBus, value: Any) -> int:
+    """The generation key's value as an int (0: none), or BusDataError if it is junk."""
+    if value is None:
+        return 0
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    if not (1 <= len(text) <= 20 and text.isdigit() and text.isascii()):
+        raise BusDataError(
+            f"redis {bus.display_url}: the key {bus.channel}:gen holds {text[:40]!r}, not a "
+            "generation (written by something else?): DEL it, and the next command "
+            "starts again from the clock"
+        )
+    return int(text)
 
 
 class RedisBus(Bus):
@@ -68,8 +98,8 @@ class RedisBus(Bus):
         out: dict[str, int] = {}
 
         def txn(pipe: Any) -> None:
-            last = int(pipe.get(gen_key) or 0)
-            gen = next_generation(last)
+            # Out of range (beyond now + 1 day, or int64): ignored, and overwritten.
+            gen = next_generation(_stored_generation(self, pipe.get(gen_key)))
             data = build(gen)
             pipe.multi()
             pipe.set(gen_key, gen)
@@ -82,17 +112,21 @@ class RedisBus(Bus):
         try:
             result = client.transaction(txn, gen_key)
         except redis.RedisError as err:
-            raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
+            raise self._error(err) from err
         finally:
             client.close()
-        return out["gen"], int(cast("list[Any]", result)[-1])
+        receivers = cast("list[Any]", result)[-1]
+        return out["gen"], receivers if isinstance(receivers, int) else None
+
+    def _error(self, err: Exception) -> BusUnavailableError:
+        return self.error("redis", err)
 
     def generation(self) -> int:
         client = self.client()
         try:
-            return int(client.get(self._keys()[0]) or 0)
+            return _current(self, client.get(self._keys()[0]))
         except redis.RedisError as err:
-            raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
+            raise self._error(err) from err
         finally:
             client.close()
 
@@ -102,22 +136,30 @@ class RedisBus(Bus):
         index = f"{self.channel}:hb"
         client = self.client()
         try:
-            members = sorted(client.smembers(index))
-            keys = [
-                f"{self.channel}:hb:{m.decode() if isinstance(m, bytes) else m}" for m in members
-            ]
+            # Keys as bytes: a junk member (not UTF-8) must not break the read.
+            members = sorted(
+                m if isinstance(m, bytes) else str(m).encode() for m in client.smembers(index)
+            )
+            prefix = f"{self.channel}:hb:".encode()
+            keys = [prefix + m for m in members]
             values = client.mget(keys) if keys else []
             gone = [m for m, v in zip(members, values, strict=True) if v is None]
             if gone:  # expired: the process exited or lost the bus
                 client.srem(index, *gone)
         except redis.RedisError as err:
-            raise BusUnavailableError(f"redis {self.display_url}: {err}") from err
+            raise self._error(err) from err
         finally:
             client.close()
         return [v if isinstance(v, bytes) else str(v).encode() for v in values if v is not None]
 
     def subscribe(self) -> Subscription:
         return _RedisSubscription(self)
+
+
+def _current(bus: RedisBus, value: Any) -> int:
+    """The current generation for readers: junk raises, out of range reads as 0."""
+    gen = _stored_generation(bus, value)
+    return gen if gen <= publish_ceiling() else 0
 
 
 class _RedisSubscription(Subscription):
@@ -131,10 +173,10 @@ class _RedisSubscription(Subscription):
             self._pubsub.subscribe(channel)
         except redis.RedisError as err:
             self.close()
-            raise BusUnavailableError(f"redis {bus.display_url}: {err}") from err
+            raise bus._error(err) from err
 
     def _fail(self, err: Exception) -> BusUnavailableError:
-        return BusUnavailableError(f"redis {self._bus.display_url}: {err}")
+        return self._bus._error(err)
 
     def get(self, timeout: float) -> bytes | None:
         try:
@@ -149,21 +191,28 @@ class _RedisSubscription(Subscription):
 
     def generation(self) -> int:
         try:
-            return int(self._client.get(self._gen_key) or 0)
+            return _current(self._bus, self._client.get(self._gen_key))
         except redis.RedisError as err:
             raise self._fail(err) from err
 
     def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
+        ceiling = read_ceiling()
+        if gen >= ceiling:
+            return []
         try:
             rows = self._client.zrangebyscore(
-                self._log_key, f"({gen}", "+inf", start=0, num=limit, withscores=True
+                self._log_key, f"({gen}", ceiling, start=0, num=limit, withscores=True
             )
         except redis.RedisError as err:
             raise self._fail(err) from err
-        return [
-            (int(score), member if isinstance(member, bytes) else str(member).encode())
-            for member, score in cast("list[Any]", rows)
-        ]
+        out = []
+        for member, score in cast("list[Any]", rows):
+            position = log_generation(score, gen, ceiling)
+            if position is not None:
+                out.append(
+                    (position, member if isinstance(member, bytes) else str(member).encode())
+                )
+        return out
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         if not self._can_heartbeat:

@@ -7,11 +7,27 @@ tool the application uses, and a script parsing ``--json`` gets the same keys.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import ProcessStatus, Sent, WaitResult
+from .message import MAX_SPREAD
 
-__all__ = ["ACTION_HELP", "process_lines", "sent_line", "sent_record", "wait_lines"]
+__all__ = [
+    "ACTION_HELP",
+    "MAX_WAIT",
+    "check_seconds",
+    "check_spread",
+    "check_wait",
+    "invalid_line",
+    "process_lines",
+    "sent_line",
+    "sent_record",
+    "wait_lines",
+]
+
+#: Longest ``--wait`` (one day): anything longer is a typo, not a plan.
+MAX_WAIT = 86400.0
 
 #: One line on what each command does (help texts of every front end).
 ACTION_HELP = {
@@ -22,6 +38,45 @@ ACTION_HELP = {
     "drain": "close every connection (idle now, in use at checkin) and open none until "
     "the application needs one again",
 }
+
+
+def check_seconds(value: Any, option: str, maximum: float | None = None) -> float:
+    """``value`` (a number or its text) as seconds, or ``ValueError`` saying why.
+
+    The one check of every front end for ``--wait`` and ``--spread``: a finite
+    number, at least 0, at most ``maximum`` (``--wait``: :data:`MAX_WAIT`,
+    ``--spread``: one day). ``nan`` and ``inf`` are refused: a NaN wait would
+    never end and poll the bus as fast as it can.
+    """
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{option} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{option} must be a finite number of seconds >= 0, got {value!r}")
+    if maximum is not None and seconds > maximum:
+        raise ValueError(f"{option} must be at most {maximum:g} seconds, got {value!r}")
+    return seconds
+
+
+def check_wait(value: Any) -> float:
+    """``--wait SECONDS``: 0 to one day."""
+    return check_seconds(value, "--wait", MAX_WAIT)
+
+
+def check_spread(value: Any) -> float:
+    """``--spread SECONDS``: 0 to one day."""
+    return check_seconds(value, "--spread", MAX_SPREAD)
+
+
+def invalid_line(invalid: int) -> str | None:
+    """The warning for unreadable heartbeats that were skipped (None: there were none)."""
+    if not invalid:
+        return None
+    return (
+        f"skipped {invalid} unreadable heartbeat(s) on this bus (not written by "
+        "sqla-rebalance, or corrupted)"
+    )
 
 
 def sent_line(sent: Sent, where: str | None = None) -> str:
@@ -39,6 +94,9 @@ def wait_lines(result: WaitResult, pool: str) -> list[str]:
         lines = [f"applied by {len(result.applied)} process(es)"]
     lines += [f"NOT applied by {p.process} (at generation {p.generation})" for p in result.pending]
     lines += [f"gone before applying it: {p.process} (its heartbeat expired)" for p in result.lost]
+    skipped = invalid_line(result.invalid)
+    if skipped:
+        lines.append(skipped)
     return lines
 
 
@@ -58,6 +116,8 @@ def sent_record(
         record["applied"] = [p.process for p in result.applied]
         record["pending"] = [p.process for p in result.pending]
         record["lost"] = [p.process for p in result.lost]
+        if result.invalid:
+            record["invalid_heartbeats"] = result.invalid
     return record
 
 

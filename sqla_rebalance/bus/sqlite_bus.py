@@ -5,6 +5,12 @@ bus. The log table is the whole mechanism; listeners poll it every
 :data:`POLL_INTERVAL` seconds (an indexed read of nothing, most of the time).
 Use it for the demo, for development, and for a single machine; a fleet
 needs Redis or PostgreSQL.
+
+What is read back is untrusted: only integer generations within ``now + 1
+day`` (publishing) or ``now + 2 days`` (reading) are taken, messages are read
+as bytes (text that is not UTF-8 cannot break a read), and a listener whose
+polling position is above everything left in the log (a junk row, deleted)
+moves back down to the log's head instead of staying deaf.
 """
 
 from __future__ import annotations
@@ -16,12 +22,24 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
-from .base import LOG_LENGTH, Bus, BusUnavailableError, Subscription, next_generation
+from .base import (
+    LOG_LENGTH,
+    Bus,
+    BusUnavailableError,
+    Subscription,
+    log_generation,
+    next_generation,
+    publish_ceiling,
+    read_ceiling,
+)
 
 __all__ = ["POLL_INTERVAL", "SQLiteBus"]
 
 #: Seconds between two reads of the log by a listener.
 POLL_INTERVAL = 0.1
+#: Seconds between two checks that the log's head did not move back below
+#: a listener's polling position (rows deleted).
+_HEAD_CHECK = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sqla_rebalance_commands (
@@ -71,7 +89,7 @@ class SQLiteBus(Bus):
     def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
         with self._session() as conn:
             conn.execute("BEGIN IMMEDIATE")  # one publisher at a time
-            gen = next_generation(_generation(conn, self.channel))
+            gen = next_generation(_generation(conn, self.channel, publish_ceiling()))
             data = build(gen).decode("ascii")
             conn.execute(
                 "INSERT INTO sqla_rebalance_commands (channel, gen, message) VALUES (?, ?, ?)",
@@ -99,27 +117,48 @@ class SQLiteBus(Bus):
 
     def generation(self) -> int:
         with self._session() as conn:
-            return _generation(conn, self.channel)
+            return _generation(conn, self.channel, publish_ceiling())
 
     def heartbeats(self) -> list[bytes]:
         with self._session() as conn:
             rows = conn.execute(
-                "SELECT payload FROM sqla_rebalance_heartbeats"
+                "SELECT CAST(payload AS BLOB) FROM sqla_rebalance_heartbeats"
                 " WHERE channel = ? AND expires_at > ? ORDER BY process",
                 (self.channel, time.time()),
             ).fetchall()
-        return [str(r[0]).encode() for r in rows]
+        return [bytes(r[0]) for r in rows if isinstance(r[0], bytes)]
 
     def subscribe(self) -> Subscription:
         return _SQLiteSubscription(self)
 
 
-def _generation(conn: sqlite3.Connection, channel: str) -> int:
+def _generation(conn: sqlite3.Connection, channel: str, ceiling: int) -> int:
+    """The highest integer generation in the log up to ``ceiling`` (0: none)."""
     row = conn.execute(
-        "SELECT coalesce(max(gen), 0) FROM sqla_rebalance_commands WHERE channel = ?",
-        (channel,),
+        "SELECT gen FROM sqla_rebalance_commands WHERE channel = ? AND gen <= ?"
+        " AND typeof(gen) = 'integer' ORDER BY gen DESC LIMIT 1",
+        (channel, ceiling),
     ).fetchone()
-    return int(row[0]) if row else 0
+    return (log_generation(row[0], 0, ceiling) or 0) if row else 0
+
+
+def _read(conn: sqlite3.Connection, channel: str, gen: int, limit: int) -> list[tuple[int, bytes]]:
+    """Logged entries above ``gen`` (and within the read ceiling), oldest first."""
+    ceiling = read_ceiling()
+    if gen >= ceiling:
+        return []
+    rows = conn.execute(
+        "SELECT gen, CAST(message AS BLOB) FROM sqla_rebalance_commands"
+        " WHERE channel = ? AND gen > ? AND gen <= ? AND typeof(gen) = 'integer'"
+        " ORDER BY gen LIMIT ?",
+        (channel, gen, ceiling, limit),
+    ).fetchall()
+    out = []
+    for position, message in rows:
+        checked = log_generation(position, gen, ceiling)
+        if checked is not None:
+            out.append((checked, bytes(message) if isinstance(message, bytes) else b""))
+    return out
 
 
 class _SQLiteSubscription(Subscription):
@@ -127,10 +166,14 @@ class _SQLiteSubscription(Subscription):
         self._bus = bus
         self._conn = bus.connect()
         self._buffer: deque[bytes] = deque()
+        self._head_checked = time.monotonic()
+        #: Positions delivered, in order (they only grow).
+        self._delivered: deque[int] = deque(maxlen=LOG_LENGTH)
         try:
             # Polling starts from here; what came before is the listener's
             # catch-up read (``since``), as for the other transports.
-            self._seen = _generation(self._conn, bus.channel)
+            self._seen = _generation(self._conn, bus.channel, read_ceiling())
+            self._delivered.append(self._seen)
         except sqlite3.Error as err:
             self.close()
             raise self._fail(err) from err
@@ -142,16 +185,16 @@ class _SQLiteSubscription(Subscription):
         deadline = time.monotonic() + timeout
         while not self._buffer:
             try:
-                rows = self._conn.execute(
-                    "SELECT gen, message FROM sqla_rebalance_commands"
-                    " WHERE channel = ? AND gen > ? ORDER BY gen LIMIT 100",
-                    (self._bus.channel, self._seen),
-                ).fetchall()
+                rows = _read(self._conn, self._bus.channel, self._seen, 100)
+                if not rows and time.monotonic() - self._head_checked >= _HEAD_CHECK:
+                    self._head_checked = time.monotonic()
+                    self._rewind(_generation(self._conn, self._bus.channel, read_ceiling()))
             except sqlite3.Error as err:
                 raise self._fail(err) from err
             for gen, message in rows:
-                self._seen = max(self._seen, int(gen))
-                self._buffer.append(str(message).encode())
+                self._seen = max(self._seen, gen)
+                self._delivered.append(gen)
+                self._buffer.append(message)
             if self._buffer:
                 break
             left = deadline - time.monotonic()
@@ -160,22 +203,28 @@ class _SQLiteSubscription(Subscription):
             time.sleep(min(POLL_INTERVAL, left))
         return self._buffer.popleft()
 
+    def _rewind(self, head: int) -> None:
+        """The polling position is the transport's, moved by rows nobody verified: if
+        it is above the log's head (such a row was deleted), come back down to the
+        last row delivered that is still at or below the head, so that a new command
+        below the old position is read, and none is read twice."""
+        if self._seen <= head:
+            return
+        while self._delivered and self._delivered[-1] > head:
+            self._delivered.pop()
+        self._seen = self._delivered[-1] if self._delivered else 0
+
     def generation(self) -> int:
         try:
-            return _generation(self._conn, self._bus.channel)
+            return _generation(self._conn, self._bus.channel, publish_ceiling())
         except sqlite3.Error as err:
             raise self._fail(err) from err
 
     def since(self, gen: int, limit: int = LOG_LENGTH) -> list[tuple[int, bytes]]:
         try:
-            rows = self._conn.execute(
-                "SELECT gen, message FROM sqla_rebalance_commands"
-                " WHERE channel = ? AND gen > ? ORDER BY gen LIMIT ?",
-                (self._bus.channel, gen, limit),
-            ).fetchall()
+            return _read(self._conn, self._bus.channel, gen, limit)
         except sqlite3.Error as err:
             raise self._fail(err) from err
-        return [(int(r[0]), str(r[1]).encode()) for r in rows]
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         now = time.time()

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite needs (Debian/Ubuntu): PostgreSQL, MariaDB, Redis,
-# dnsmasq. Idempotent: does nothing when they are all installed. Starts no service -- the tests
-# start their own private servers on 127.0.0.x (tests/servers.py) -- and disables the system
-# services of the packages it installs. Quiet; on failure the apt output is shown. Needs root
-# (or sudo).
+# dnsmasq, and what pip needs to build mysqlclient from source (the MariaDB client headers,
+# pkg-config, a C compiler and Python's headers). Idempotent: does nothing when they are all
+# installed. Starts no service -- the tests start their own private servers on 127.0.0.x
+# (tests/servers.py) -- and disables the system services of the packages it installs. Quiet; on
+# failure the apt output is shown. Needs root (or sudo).
 set -euo pipefail
 
+# The servers (and client) the tests start.
 required=(postgresql mariadb-server mariadb-client redis-server dnsmasq)
-packages=(postgresql postgresql-contrib mariadb-server mariadb-client redis-server dnsmasq)
+# Build dependencies of mysqlclient (the `test` extra builds it from source with pip); a missing
+# one is installed too, even when every server is already there.
+build=(default-libmysqlclient-dev pkg-config gcc python3-dev)
+packages=(postgresql postgresql-contrib mariadb-server mariadb-client redis-server dnsmasq
+    "${build[@]}")
 # System services of those packages: none may run (or start at boot) for the tests' sake.
 declare -A services=(
     [postgresql]=postgresql
@@ -21,7 +27,7 @@ installed() {
 }
 
 missing=()
-for pkg in "${required[@]}"; do
+for pkg in "${required[@]}" "${build[@]}"; do
     installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -eq 0 ]; then

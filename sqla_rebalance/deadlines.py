@@ -127,6 +127,9 @@ def socket_fd(dbapi_connection: Any) -> int | None:
     # Lambdas: each attribute is looked up only when tried (drivers differ).
     getters: tuple[Callable[[], Any], ...] = (
         lambda: conn.fileno(),  # noqa: PLW0108 - psycopg, psycopg2, mysqlclient
+        # mysqlclient while a query runs (fileno() raises then), as recorded at
+        # connect by targets.MySQLdbAdapter; ``open`` is read without its lock.
+        lambda: conn._sqla_rebalance_fd if conn.open else None,
         lambda: conn.pgconn.socket,  # psycopg (closed fileno() raises)
         lambda: conn._sock.fileno(),  # noqa: PLW0108 - PyMySQL
         lambda: conn._transport.get_extra_info("socket").fileno(),  # asyncpg

@@ -20,10 +20,15 @@ TLS keeps verifying the name the user gave, not the address we picked:
   TLS handshake still uses the name (``server_hostname=self.host``).
 - Other drivers get the address as host (certificate checks against a name
   need that driver's own option).
+
+Tested against real servers (tests/test_drivers.py): psycopg 3 (sync and
+async), psycopg2, asyncpg, PyMySQL, mysqlclient, aiomysql and asyncmy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import socket
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -235,7 +240,7 @@ class AsyncpgAdapter(Adapter):
 
 
 class MySQLAdapter(Adapter):
-    """MySQL and MariaDB drivers (mysqlclient, asyncmy, aiomysql...)."""
+    """MySQL and MariaDB drivers (aiomysql, asyncmy; mysqlclient and PyMySQL below)."""
 
     default_port = 3306
     standby_sql = "SELECT @@global.read_only"
@@ -256,6 +261,34 @@ class MySQLAdapter(Adapter):
         if timeout is not None:
             cparams.setdefault("connect_timeout", timeout)
         return cargs, cparams
+
+
+class MySQLdbAdapter(MySQLAdapter):
+    """mysqlclient: its ``connect_timeout`` is whole seconds (a float is a TypeError)."""
+
+    def point(
+        self,
+        cargs: tuple[Any, ...],
+        cparams: dict[str, Any],
+        host: Host,
+        timeout: float | None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        whole = None if timeout is None else max(1, math.ceil(timeout))
+        return super().point(cargs, cparams, host, whole)
+
+    def open(
+        self,
+        connect: Callable[..., Any],
+        cargs: tuple[Any, ...],
+        cparams: dict[str, Any],
+        host: Host,
+    ) -> Any:
+        conn = connect(*cargs, **cparams)
+        # mysqlclient refuses every call (fileno() too) while another thread runs a
+        # query on the connection: remember its socket for abandon() (see socket_fd).
+        with contextlib.suppress(Exception):
+            conn._sqla_rebalance_fd = conn.fileno()
+        return conn
 
 
 class PyMySQLAdapter(MySQLAdapter):
@@ -329,7 +362,9 @@ def adapter_for(dialect: Dialect) -> Adapter:
             return LibpqAdapter()
         return AsyncpgAdapter()
     if name in ("mysql", "mariadb"):
-        return PyMySQLAdapter() if driver == "pymysql" else MySQLAdapter()
+        if driver == "pymysql":
+            return PyMySQLAdapter()
+        return MySQLdbAdapter() if driver == "mysqldb" else MySQLAdapter()
     if name == "sqlite":
         return SQLiteAdapter()
     return Adapter()

@@ -41,6 +41,10 @@ pip_install .venv-sa20/bin/python -e ".[test]" "sqlalchemy>=2.0.30,<2.1"
 step "tests (SQLAlchemy $(.venv-sa20/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 .venv-sa20/bin/python -m pytest tests -q
 
+step "compatibility: SQLAlchemy's and Django's own test suites against our pool and backends"
+# Differences from stock are listed with their reasons in compat/expected.txt; any other fails.
+scripts/compat.sh
+
 step "benchmark smoke run (--check: promises gate CI; timing targets are only printed)"
 # The overhead gate is loose (25 %): ours and QueuePool run side by side in one process,
 # but a shared 2-CPU machine is noisy; the figures and the 5 % target are in docs/benchmarks.md.

@@ -60,6 +60,13 @@ class DatabaseWrapper(PooledDatabaseWrapperMixin, _DatabaseWrapper):  # type: ig
             connection.encoders.pop(bytes)
         return connection
 
+    def is_usable(self) -> bool:
+        # After _close() the pooled connection is back in the pool and this
+        # wrapper holds none (PostgreSQL's is_usable() checks that itself).
+        if self.connection is None:
+            return False
+        return bool(super().is_usable())
+
     def sqla_is_broken(self, connection: Any) -> bool:
         # PyMySQL and mysqlclient: ``open`` is false once closed or lost.
         return not getattr(connection, "open", True)

@@ -16,9 +16,8 @@ The freeze is ``server.freeze()`` of ``tests/servers.py``: SIGSTOP to the
 postmaster and every process below it. PostgreSQL makes each backend the
 leader of a session of its own (``setsid()``), so a process-group signal
 alone would leave the existing sessions answering (``freeze()`` stopped only
-the process group before the frozen-host fix; the script also stops every
-child itself, harmless now). ``--postmaster-only`` runs that narrower case on
-purpose: only the postmaster is stopped (new connects hang, sessions answer).
+the process group before the frozen-host fix). ``--postmaster-only`` runs
+that narrower case on purpose: only the postmaster is stopped (new connects hang, sessions answer).
 
 Variants, side by side in one invocation:
 
@@ -164,26 +163,8 @@ def call_bounded(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
     return (not t.is_alive(), box.get("value"))
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc (Linux)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1] == str(pid):
-            found.append(int(entry))
-    return found
-
-
 class Freezer:
-    """Freeze one server: ``server.freeze()`` and every child of the postmaster,
+    """Freeze one server: ``server.freeze()`` (the postmaster and every backend),
     or (``postmaster_only``) the postmaster alone."""
 
     def __init__(self, server: Any, postmaster_only: bool) -> None:
@@ -201,16 +182,7 @@ class Freezer:
             os.kill(pid, signal.SIGSTOP)
             self.stopped.append(pid)
             return
-        self.server.freeze()
-        # server.freeze() of tests/servers.py as of commit 5b0732e signals the
-        # postmaster's process group only, which every backend leaves (setsid()):
-        # stop the children too (a no-op where freeze() already did).
-        for _ in range(2):  # a second look catches a child forked while we looked
-            for child in children_of(pid):
-                if child not in self.stopped:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child, signal.SIGSTOP)
-                        self.stopped.append(child)
+        self.server.freeze()  # the postmaster and every backend (tests/servers.py)
 
     def thaw(self) -> None:
         if not self.frozen:

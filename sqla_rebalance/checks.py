@@ -199,7 +199,7 @@ class HostChecks:
         pool._apply_changes(changes)
 
     def _watch(self, pool: RebalancingQueuePool, what: str, key: str, conn: Any) -> Deadline:
-        deadline = Deadline(what, key, pool._config.health_check_timeout, pool._missed, conn)
+        deadline = pool._watch(what, key, conn)  # the pool's one way to watch an operation
         self.inflight[key] = deadline
         return deadline
 

@@ -152,7 +152,8 @@ def test_abandon_wakes_a_thread_blocked_reading_without_the_peer():
     reader.join(5)
     assert not reader.is_alive()
     assert got == [b""] or isinstance(got[0], OSError)
-    assert owner.misses[:1] == [1]
+    # The socket is shut before the owner hears of the miss: wait for the notice.
+    wait_for(lambda: owner.misses[:1] == [1])
     mine.close()  # the descriptor stayed the driver's to close
     peer.close()
 
@@ -168,6 +169,22 @@ def test_socket_fd_finds_each_drivers_socket_or_none():
         assert socket_fd(Adapted()) == a.fileno()
     assert socket_fd(object()) is None
     assert abandon(object()) is False  # SQLite: nothing to shut
+
+
+def _caused(error: Exception, cause: BaseException) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
+def _orig(error: Exception, orig: BaseException) -> Exception:
+    error.orig = orig  # type: ignore[attr-defined]  # sqlalchemy.exc.DBAPIError
+    return error
+
+
+def test_failure_reason_survives_a_cause_cycle() -> None:
+    a, b = Exception("a"), Exception("b")
+    a.__cause__, b.__cause__ = b, a
+    assert failure_reason(a) == "error"
 
 
 @pytest.mark.parametrize(
@@ -186,6 +203,16 @@ def test_socket_fd_finds_each_drivers_socket_or_none():
         (TimeoutError(), "deadline exceeded"),
         (Exception("password authentication failed"), "error"),
         ("refused by policy", "refused"),
+        # asyncmy / asyncio
+        (OSError(111, "Connect call failed ('127.0.0.3', 3306)"), "refused"),
+        (Exception("[Errno 111] Connect call failed ('127.0.0.3', 3306)"), "refused"),
+        # mysqlclient (libmariadb): a refused non-blocking connect
+        (Exception("(2002, \"Can't connect to server on '127.0.0.3' (115)\")"), "refused"),
+        (Exception("(2002, \"Can't connect to server on '127.0.0.3' (113)\")"), "error"),
+        # aiomysql: the refusal only in the cause
+        (_caused(Exception("Can't connect to MySQL server"), ConnectionRefusedError()), "refused"),
+        (_caused(Exception("wrapped"), TimeoutError()), "deadline exceeded"),
+        (_orig(Exception("(OperationalError) wrapped"), ConnectionRefusedError()), "refused"),
     ],
 )
 def test_failure_reasons(error: Any, reason: str) -> None:

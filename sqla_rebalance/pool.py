@@ -282,6 +282,13 @@ class RebalancingQueuePool(QueuePool):
             **kw,
         )
         self._counters = Counters()
+        # Our bookkeeping hooks, on this pool itself rather than on the class:
+        # class-level listeners are global state that ``Pool.dispatch._clear()``
+        # (SQLAlchemy's own test teardown) wipes for every pool of the process.
+        # ``recreate()`` copies them along with the user's: listen once.
+        for identifier, listener in _BOOKKEEPING:
+            if listener not in getattr(self.dispatch, identifier):
+                event.listen(self, identifier, listener)
         #: Every open connection we manage, by record.
         self._states: dict[ConnectionPoolEntry, ConnState] = {}
         #: Checked-out records to retire at checkin: the reason, and the state
@@ -1805,7 +1812,6 @@ class RebalancingQueuePool(QueuePool):
 _INHERITED: list[object] = []
 
 
-@event.listens_for(RebalancingQueuePool, "close")
 def _on_close(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
     state = state_of(rec)
     if state is not None and state.dbapi is dbapi_connection:
@@ -1814,14 +1820,12 @@ def _on_close(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
             pool._closed(rec, state)
 
 
-@event.listens_for(RebalancingQueuePool, "invalidate")
 def _on_invalidate(dbapi_connection: Any, rec: ConnectionPoolEntry, exception: Any) -> None:
     state = state_of(rec)
     if state is not None and state.reason is None:
         state.reason = ERROR
 
 
-@event.listens_for(RebalancingQueuePool, "detach")
 def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
     # The connection now belongs to the application; it is no longer ours.
     # SQLAlchemy fires this after returning the record to the pool, which may
@@ -1833,6 +1837,14 @@ def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
         pool = state.pool_ref()
         if pool is not None and pool._states.get(rec) is state:
             del pool._states[rec]
+
+
+#: The events every pool listens to on itself (see ``RebalancingQueuePool.__init__``).
+_BOOKKEEPING: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("close", _on_close),
+    ("invalidate", _on_invalidate),
+    ("detach", _on_detach),
+)
 
 
 class AsyncRebalancingQueuePool(RebalancingQueuePool):

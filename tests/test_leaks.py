@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import weakref
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, pool, text
 
 from sqla_rebalance import RebalancingQueuePool
 from sqla_rebalance.worker import get_worker
@@ -71,3 +72,41 @@ def test_worker_holds_pools_weakly(tmp_path):
     assert get_worker().is_registered(engine.pool)
     engine = None  # the only reference: the pool goes with it
     wait_for(settle)
+
+
+class _DBAPIConn:
+    def cursor(self) -> object:
+        raise AssertionError("not used")
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _invalidated_connection_is_collected(p: RebalancingQueuePool) -> bool:
+    conn = p.connect()
+    ref = weakref.ref(conn.dbapi_connection)
+    conn._connection_record.invalidate()  # closes it; the record stays in the pool
+    del conn
+    gc.collect()
+    return ref() is None
+
+
+def test_invalidated_connection_is_not_kept_alive_even_after_pool_listeners_are_cleared():
+    # SQLAlchemy's own test teardown clears every class-level pool listener of
+    # the process (Pool.dispatch._clear()): our bookkeeping must not depend on them.
+    p = RebalancingQueuePool(_DBAPIConn, pool_size=2)
+    try:
+        assert _invalidated_connection_is_collected(p)
+        pool.Pool.dispatch._clear()
+        later = RebalancingQueuePool(_DBAPIConn, pool_size=2)
+        assert _invalidated_connection_is_collected(later)
+        recreated = later.recreate()  # carries the listeners over, once
+        assert _invalidated_connection_is_collected(recreated)
+        assert len(recreated.dispatch.close) == 1
+        later.dispose()
+        recreated.dispose()
+    finally:
+        p.dispose()

@@ -25,6 +25,7 @@ It is never taken on the checkout path, only when connecting.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -785,15 +786,47 @@ def _least_loaded(hosts: Sequence[Host], counts: Mapping[str, int]) -> Host:
 
 
 def failure_reason(error: BaseException | str) -> str:
-    """``deadline exceeded`` (a host that hangs), ``refused`` (nothing listens) or ``error``."""
-    if isinstance(error, DeadlineExceeded):
-        return "deadline exceeded"
-    text = str(error).lower()
-    if isinstance(error, ConnectionRefusedError) or "refused" in text:
+    """``deadline exceeded`` (a host that hangs), ``refused`` (nothing listens) or ``error``.
+
+    Drivers word a refusal differently and some wrap it: the chain of causes
+    is read too (aiomysql keeps the ``ConnectionRefusedError`` in ``__cause__``,
+    SQLAlchemy's ``DBAPIError`` in ``orig``). asyncmy and asyncio say
+    ``[Errno 111] Connect call failed``; mysqlclient (libmariadb) reports a
+    refused non-blocking connect as ``Can't connect to server ... (115)``.
+    """
+    for err in _causes(error):
+        if isinstance(err, DeadlineExceeded):
+            return "deadline exceeded"
+        if isinstance(err, ConnectionRefusedError) or (
+            isinstance(err, OSError) and err.errno == errno.ECONNREFUSED
+        ):
+            return "refused"
+    text = " | ".join(str(err).lower() for err in _causes(error))
+    if "refused" in text or f"[errno {errno.ECONNREFUSED}]" in text or _MYSQL_REFUSED.search(text):
         return "refused"
-    if isinstance(error, TimeoutError) or "timeout expired" in text or "timed out" in text:
+    if any(isinstance(err, TimeoutError) for err in _causes(error)) or (
+        "timeout expired" in text or "timed out" in text
+    ):
         return "deadline exceeded"  # the driver's own connect timeout
     return "error"
+
+
+#: libmysqlclient/libmariadb: "Can't connect to (MySQL) server on 'h' (111)" or (115).
+_MYSQL_REFUSED = re.compile(r"can't connect to .*\((111|115)\)")
+
+
+def _causes(error: BaseException | str) -> list[BaseException | str]:
+    """``error``, its ``orig`` (SQLAlchemy) and its causes, each once, at most eight."""
+    found: list[BaseException | str] = []
+    todo: list[object] = [error]
+    while todo and len(found) < 8:
+        err = todo.pop(0)
+        if not isinstance(err, (BaseException, str)) or any(err is f for f in found):
+            continue
+        found.append(err)
+        if isinstance(err, BaseException):
+            todo += [getattr(err, "orig", None), err.__cause__, err.__context__]
+    return found
 
 
 def _one_line(error: BaseException | str) -> str:

@@ -134,7 +134,12 @@ class Adapter:
             return None  # let the driver report its own error
         entries = []
         for name, port in zip(names, ports, strict=True):
-            entries.append(f"{name}:{port}" if port not in (None, "") else name)
+            if port in (None, ""):
+                entries.append(name)
+            elif ":" in name and not name.startswith("["):  # an IPv6 literal
+                entries.append(f"[{name}]:{port}")
+            else:
+                entries.append(f"{name}:{port}")
         return parse_hosts(entries, self.default_port)
 
     def point(

@@ -357,3 +357,24 @@ def test_check_all_now_checks_every_host_once_even_without_periodic_checks():
     for host in due:  # each checked once: back to no schedule
         hs.succeeded(host.key, "primary")
     assert hs.due_checks(clock.now + 3600) == []
+
+
+@pytest.mark.parametrize(
+    ("cparams", "expected"),
+    [
+        ({"host": "::1", "port": 5433}, [("::1", 5433)]),
+        ({"host": "::1"}, [("::1", 5432)]),
+        ({"host": "[::1]", "port": "5433"}, [("::1", 5433)]),
+        ({"host": "a,::1", "port": "5433,5434"}, [("a", 5433), ("::1", 5434)]),
+        ({"host": ["::1", "10.0.0.1"], "port": [5433, 5434]}, [("::1", 5433), ("10.0.0.1", 5434)]),
+        ({"host": "db", "port": 6000}, [("db", 6000)]),
+    ],
+)
+def test_url_hosts_with_ipv6_literals_keep_their_port(cparams, expected):
+    from sqla_rebalance.targets import Adapter
+
+    adapter = Adapter()
+    adapter.default_port = 5432
+    specs = adapter.seed((), dict(cparams))
+    assert specs is not None
+    assert [(spec.name, spec.port) for spec in specs] == expected

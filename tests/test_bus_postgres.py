@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import create_engine
 
 from sqla_rebalance import RebalancingQueuePool
-from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
-from sqla_rebalance.bus.base import next_generation
+from sqla_rebalance.bus import fleet_status, open_bus, postgres_bus, send_command, wait_for
+from sqla_rebalance.bus.base import BusUnavailableError, next_generation
 from sqla_rebalance.bus.postgres_bus import SCHEMA
 
 from .bus_cases import (
@@ -278,3 +278,36 @@ def test_a_password_in_the_bus_url_is_never_shown(bus_server, tmp_path, monkeypa
             assert "hunter2secret" not in repr(engine.pool.listener.bus)
         finally:
             engine.dispose()
+
+
+def test_a_hung_bus_server_is_left_and_rejoined_after_the_thaw(
+    bus, bus_server, tmp_path, monkeypatch
+):
+    # SIGSTOP: TCP is still acknowledged, so keepalives and tcp_user_timeout never
+    # fire; only the statement deadline notices.
+    monkeypatch.setattr(postgres_bus, "QUERY_DEADLINE", 1.0)
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.stats().bus.connected)
+        with bus_server.frozen():
+            # The next heartbeat statement misses its deadline: the listener lets go.
+            poll(lambda: not pool.stats().bus.connected, timeout=30)
+            assert "deadline exceeded" in (pool.stats().bus.last_error or "")
+            started = time.monotonic()
+            with pytest.raises(BusUnavailableError):
+                send_command(bus, "recycle", secret=SECRET)  # the sender is bounded too
+            assert time.monotonic() - started < 15
+            with engine.connect():  # checkouts never noticed
+                pass
+        poll(lambda: pool.stats().bus.connected, timeout=30)
+        sent = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == sent.generation, timeout=30)
+    finally:
+        engine.dispose()

@@ -323,6 +323,57 @@ def test_checkouts_never_wait_for_a_dead_redis(tmp_path):
         engine.dispose()
 
 
+def _checkouts_take(engine, n: int = 200) -> float:
+    start = time.monotonic()
+    for _ in range(n):
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+    return time.monotonic() - start
+
+
+def test_checkouts_never_wait_for_a_hung_redis(redis_server, bus, tmp_path):
+    # A Redis that hangs (SIGSTOP: the kernel still accepts TCP, nothing answers),
+    # first while the pool is connected to it, then while it connects.
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=1,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.stats().bus.connected)
+        with redis_server.frozen():
+            assert _checkouts_take(engine) < 5
+            # The listener finds out through its own deadline, not through a checkout.
+            poll(lambda: not pool.stats().bus.connected, timeout=30)
+            assert _checkouts_take(engine) < 5
+            started = time.monotonic()
+            pool.recycle()  # a local command never waits on the bus either
+            pool.stats()
+            assert time.monotonic() - started < 1
+        poll(lambda: pool.stats().bus.connected, timeout=30)  # back after the thaw
+        assert pool.stats().bus.last_error is None
+    finally:
+        engine.dispose()
+    with redis_server.frozen():
+        late = create_engine(
+            f"sqlite:///{tmp_path}/late.db",
+            poolclass=RebalancingQueuePool,
+            broadcast=f"{bus}_late",  # a listener of its own, connecting to the hung server
+            broadcast_secret=SECRET,
+        )
+        try:
+            assert _checkouts_take(late) < 5
+            assert not late.pool.stats().bus.connected
+            started = time.monotonic()
+            late.dispose()  # never waits on the hung bus
+            assert time.monotonic() - started < 5
+        finally:
+            late.dispose()
+
+
 def test_garbage_in_the_log_is_read_past_once(redis_server, bus, tmp_path):
     engine = create_engine(
         f"sqlite:///{tmp_path}/app.db",

@@ -15,6 +15,13 @@ not in the log. Each listening process holds one autocommit connection
 (``application_name`` ``sqla-rebalance-listener``) and also writes its
 heartbeats through it.
 
+Every statement runs under a :class:`~sqla_rebalance.deadlines.Deadline`
+(:data:`QUERY_DEADLINE`): a server that hangs (TCP still acknowledged, so
+keepalives and ``tcp_user_timeout`` never fire) gets its socket shut down
+locally, the statement fails and the listener reconnects, instead of waiting
+for the thaw. Waiting for notifications is not a statement: it has its own
+timeout.
+
 What is read back is untrusted: generations are read within ``now + 1 day``
 (publishing) or ``now + 2 days`` (listening), so a junk row at
 ``gen = 2**63-1`` neither makes the next publish fail ("bigint out of
@@ -33,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from ..deadlines import Deadline
 from .base import (
     LOG_LENGTH,
     Bus,
@@ -44,7 +52,7 @@ from .base import (
     read_ceiling,
 )
 
-__all__ = ["SCHEMA", "PostgresBus"]
+__all__ = ["QUERY_DEADLINE", "SCHEMA", "PostgresBus"]
 
 log = logging.getLogger("sqla_rebalance.bus")
 
@@ -76,6 +84,31 @@ _OPTIONS: dict[str, Any] = {
     "keepalives_count": 2,
     "tcp_user_timeout": 15000,
 }
+
+#: Seconds a bus statement may take before its connection is abandoned.
+QUERY_DEADLINE = 10.0
+
+
+class _Watch:
+    """Statements on one connection, each under a deadline (see the module docstring)."""
+
+    def __init__(self, what: str, host: str) -> None:
+        self.what = what
+        self.host = host
+        self.missed = False
+
+    @contextlib.contextmanager
+    def __call__(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        with Deadline(self.what, self.host, QUERY_DEADLINE, self._miss, conn) as deadline:
+            try:
+                yield
+            except psycopg.Error as err:
+                if deadline.expired:  # our doing: say why the socket was shut
+                    raise psycopg.OperationalError(str(deadline.error())) from err
+                raise
+
+    def _miss(self, deadline: Deadline) -> None:  # worker thread: bookkeeping only
+        self.missed = True
 
 
 def _conninfo(url: str) -> str:
@@ -145,7 +178,8 @@ class PostgresBus(Bus):
         """A short-lived connection; driver errors become BusUnavailableError."""
         conn = self.connect()
         try:
-            yield conn
+            with _Watch("bus statement", _host_of(self.url))(conn):
+                yield conn
         except psycopg.Error as err:
             raise self._error(err) from err
         finally:
@@ -168,6 +202,11 @@ class PostgresBus(Bus):
 
     def subscribe(self) -> Subscription:
         return _PostgresSubscription(self)
+
+
+def _host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
 
 
 def _tables_exist(conn: psycopg.Connection[Any]) -> bool:
@@ -196,9 +235,11 @@ class _PostgresSubscription(Subscription):
         self._bus = bus
         self._conn = bus.connect("sqla-rebalance-listener")
         self._buffer: deque[bytes] = deque()
+        self._watch = _Watch("bus listener statement", _host_of(bus.url))
         try:
             try:
-                bus.ensure_schema(self._conn)
+                with self._watch(self._conn):
+                    bus.ensure_schema(self._conn)
             except psycopg.errors.InsufficientPrivilege as err:
                 # A listener may be read-only; heartbeats need the table.
                 self._can_heartbeat = False
@@ -208,7 +249,8 @@ class _PostgresSubscription(Subscription):
                     bus,
                     err,
                 )
-            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(bus.channel)))
+            with self._watch(self._conn):
+                self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(bus.channel)))
         except psycopg.Error as err:
             self.close()
             raise self._fail(err) from err
@@ -232,7 +274,8 @@ class _PostgresSubscription(Subscription):
 
     def generation(self) -> int:
         try:
-            return _generation(self._conn, self._bus.channel, publish_ceiling())
+            with self._watch(self._conn):
+                return _generation(self._conn, self._bus.channel, publish_ceiling())
         except psycopg.Error as err:
             raise self._fail(err) from err
 
@@ -241,11 +284,12 @@ class _PostgresSubscription(Subscription):
         if gen >= ceiling:
             return []
         try:
-            rows = self._conn.execute(
-                "SELECT gen, message FROM sqla_rebalance_commands"
-                " WHERE channel = %s AND gen > %s AND gen <= %s ORDER BY gen LIMIT %s",
-                (self._bus.channel, gen, ceiling, limit),
-            ).fetchall()
+            with self._watch(self._conn):
+                rows = self._conn.execute(
+                    "SELECT gen, message FROM sqla_rebalance_commands"
+                    " WHERE channel = %s AND gen > %s AND gen <= %s ORDER BY gen LIMIT %s",
+                    (self._bus.channel, gen, ceiling, limit),
+                ).fetchall()
         except psycopg.errors.UndefinedTable:
             return []
         except psycopg.Error as err:
@@ -261,23 +305,27 @@ class _PostgresSubscription(Subscription):
         if not self._can_heartbeat:
             return
         try:
-            self._conn.execute(
-                "INSERT INTO sqla_rebalance_heartbeats (channel, process, payload, expires_at)"
-                " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
-                " ON CONFLICT (channel, process) DO UPDATE"
-                " SET payload = excluded.payload, expires_at = excluded.expires_at",
-                (self._bus.channel, process, payload.decode(), ttl),
-            )
-            # Expired rows of processes that are gone; cheap with few rows.
-            self._conn.execute(
-                "DELETE FROM sqla_rebalance_heartbeats"
-                " WHERE channel = %s AND expires_at < now() - interval '1 hour'",
-                (self._bus.channel,),
-            )
+            with self._watch(self._conn):
+                self._put_heartbeat(process, payload, ttl)
         except psycopg.errors.InsufficientPrivilege as err:
             self.heartbeats_refused(self._bus, err)
         except psycopg.Error as err:
             raise self._fail(err) from err
+
+    def _put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+        self._conn.execute(
+            "INSERT INTO sqla_rebalance_heartbeats (channel, process, payload, expires_at)"
+            " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (channel, process) DO UPDATE"
+            " SET payload = excluded.payload, expires_at = excluded.expires_at",
+            (self._bus.channel, process, payload.decode(), ttl),
+        )
+        # Expired rows of processes that are gone; cheap with few rows.
+        self._conn.execute(
+            "DELETE FROM sqla_rebalance_heartbeats"
+            " WHERE channel = %s AND expires_at < now() - interval '1 hour'",
+            (self._bus.channel,),
+        )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing must never raise into the listener

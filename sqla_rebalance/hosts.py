@@ -387,7 +387,11 @@ class HostSet:
         unhealthy_threshold: int = 3,
         health_check_interval: float | None = 2.0,
         clock: Callable[[], float] | None = None,
+        logger: Any = None,
     ) -> None:
+        #: Where host events are logged: the pool's own logger (SQLAlchemy's
+        #: ``sqlalchemy.pool`` hierarchy, ``echo_pool``), this module's by default.
+        self.log = logger if logger is not None else log
         self._lock = threading.RLock()
         self.target_role = target_role
         self._resolver = resolver
@@ -456,7 +460,7 @@ class HostSet:
                 self._dns_failed(entry, err, now)
                 continue
             except Exception as err:  # a resolver bug must not stop the worker
-                log.exception("resolving %s failed", entry.spec.name)
+                self.log.exception("resolving %s failed", entry.spec.name)
                 self._dns_failed(entry, err, now)
                 continue
             with self._lock:
@@ -491,7 +495,7 @@ class HostSet:
             delay = min(self.dns_max_refresh, self.dns_min_refresh * 2 ** min(entry.failures, 6))
             entry.next_refresh = now + delay
         if entry.failures == 1 or entry.failures % 10 == 0:
-            log.warning(
+            self.log.warning(
                 "DNS lookup of %s failed (%s, %d in a row); keeping %s",
                 entry.spec.name,
                 err,
@@ -527,7 +531,7 @@ class HostSet:
         changes.removed = [key for key in self._hosts if key not in hosts]
         self._hosts = hosts
         if changes.added or changes.removed:
-            log.info(
+            self.log.info(
                 "hosts changed: %s (added %s, removed %s)",
                 ", ".join(hosts) or "none",
                 ", ".join(changes.added) or "none",
@@ -654,7 +658,7 @@ class HostSet:
                 host.health = SUSPECT
                 host.next_check = now + SUSPECT_PROBE_INTERVAL
         if changes.down:
-            log.warning(
+            self.log.warning(
                 "host %s is down after %d failures (%s): %s",
                 key,
                 host.failures,
@@ -672,14 +676,14 @@ class HostSet:
                 return changes
             if role is not None and role != host.role:
                 if host.role != UNKNOWN:
-                    log.warning("host %s changed role: %s -> %s", key, host.role, role)
+                    self.log.warning("host %s changed role: %s -> %s", key, host.role, role)
                 if host.role != UNKNOWN or self.target_role != "any":
                     changes.roles.append(key)
                 host.role = role
             host.failures = 0
             if host.health == DOWN:
                 changes.up.append(key)
-                log.warning(
+                self.log.warning(
                     "host %s is up again after %.1fs down",
                     key,
                     self._now() - (host.down_since or 0),

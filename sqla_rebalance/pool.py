@@ -281,6 +281,8 @@ class RebalancingQueuePool(QueuePool):
             use_lifo=use_lifo,
             **kw,
         )
+        if self._hostset is not None:  # host events in the pool's log (echo_pool too)
+            self._hostset.log = self.logger
         self._counters = Counters()
         # Our bookkeeping hooks, on this pool itself rather than on the class:
         # class-level listeners are global state that ``Pool.dispatch._clear()``

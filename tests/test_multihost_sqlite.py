@@ -89,6 +89,20 @@ def test_a_refusing_host_is_skipped_within_the_checkout(make, files, tmp_path, m
     assert sorted(h.open for h in stats.hosts.values()) == [0, 3, 3]
 
 
+def test_host_events_go_to_the_pools_own_logger(make, files, tmp_path, caplog):
+    # SQLAlchemy's pool logger (as echo_pool and logging.getLogger("sqlalchemy.pool")
+    # see it), naming the pool, rather than a logger of ours users do not know.
+    bad = str(tmp_path / "missing-dir" / "x.db")
+    engine = make(hosts=[bad, *files[:2]], unhealthy_threshold=1, pool_logging_name="orders")
+    with caplog.at_level(logging.INFO, logger="sqlalchemy.pool"):
+        fill(engine, 2)
+        wait_for(lambda: engine.pool.stats().hosts[bad].health == "down")
+        wait_for(lambda: any(bad in r.getMessage() for r in caplog.records))
+    lines = [r for r in caplog.records if bad in r.getMessage()]
+    assert {r.name for r in lines} == {"sqlalchemy.pool.impl.RebalancingQueuePool.orders"}
+    assert any("down" in r.getMessage() for r in lines)
+
+
 def test_all_hosts_refusing_raises_the_driver_error(make, tmp_path):
     bad = [str(tmp_path / "nope" / f"{i}.db") for i in range(2)]
     engine = make(hosts=bad)

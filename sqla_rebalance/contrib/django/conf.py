@@ -14,12 +14,12 @@
 Top-level keys apply to every database alias that uses one of the backends
 of this package, except HOSTS, TARGET_ROLE and POOL_NAME, which describe one
 database and apply to the ``default`` alias only; ``DATABASES`` overrides
-them per alias. Everything is
-validated at once (when the app loads, or at the first connection if the app
-is not installed), with the same checks ``create_engine`` would make, so a
-typo fails at start-up rather than at the first request that needs a
-database. Errors are :class:`~sqla_rebalance.ConfigurationError` naming the
-setting key (``SQLA_REBALANCE['DATABASES']['replica']['MIN_SIZE']: ...``).
+them per alias. Everything is validated at once (when the app loads, or when
+Django creates the backend's connection wrapper if the app is not installed),
+with the same checks ``create_engine`` would make, so a typo fails at
+start-up rather than at the first request that needs a database. Errors are
+:class:`~sqla_rebalance.ConfigurationError` naming the setting key
+(``SQLA_REBALANCE['DATABASES']['replica']['MIN_SIZE']: ...``).
 
 The bus secret is read from the environment variable ``SECRET_ENV`` when the
 pool is created, not from the settings: settings files end up in

@@ -33,6 +33,7 @@ from sqlalchemy.engine import URL, CreateEnginePlugin
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.pool import Pool
 
+from . import parameters as table
 from . import targets
 from .config import PoolConfig, brief_repr
 from .dns import parse_nameserver
@@ -167,24 +168,22 @@ class UrlParameter:
         return self.keyword or self.argument
 
 
-PARAMETERS: tuple[UrlParameter, ...] = (
-    UrlParameter("rebalance_recycle", "recycle", _finite, "pool_recycle"),
-    UrlParameter("rebalance_jitter", "recycle_jitter", _finite),
-    UrlParameter("rebalance_min_size", "min_size", _integer),
-    UrlParameter("rebalance_max_idle", "max_idle", _optional_finite),
-    UrlParameter("rebalance_pool_name", "pool_name", _text),
-    UrlParameter("rebalance_hosts", "hosts", lambda n, raw: parse_hosts_param(raw, n)),
-    UrlParameter("rebalance_target_role", "target_role", _text),
-    UrlParameter("rebalance_dns_nameservers", "dns_nameservers", _nameservers),
-    UrlParameter("rebalance_dns_min_refresh", "dns_min_refresh", _finite),
-    UrlParameter("rebalance_dns_max_refresh", "dns_max_refresh", _finite),
-    UrlParameter("rebalance_health_check_interval", "health_check_interval", _optional_finite),
-    UrlParameter("rebalance_health_check_timeout", "health_check_timeout", _finite),
-    UrlParameter("rebalance_connect_deadline", "connect_deadline", _finite),
-    UrlParameter("rebalance_unhealthy_threshold", "unhealthy_threshold", _integer),
-    UrlParameter("rebalance_rebalance_spread", "rebalance_spread", _finite),
-    UrlParameter("rebalance_broadcast", "broadcast", _broadcast),
-    UrlParameter("rebalance_min_recycle_interval", "min_recycle_interval", _finite),
+#: How each kind of setting (``parameters.Kind``) is read from URL text.
+_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "number": _finite,
+    "optional_number": _optional_finite,
+    "integer": _integer,
+    "text": _text,
+    "hosts": lambda n, raw: parse_hosts_param(raw, n),
+    "nameservers": _nameservers,
+    "url": _broadcast,
+}
+
+#: Every setting of the table that has a URL name (``parameters.PARAMETERS``).
+PARAMETERS: tuple[UrlParameter, ...] = tuple(
+    UrlParameter(p.url_name, p.argument, _PARSERS[p.kind], p.keyword)
+    for p in table.PARAMETERS
+    if p.url
 )
 _BY_NAME: dict[str, UrlParameter] = {p.name: p for p in PARAMETERS}
 

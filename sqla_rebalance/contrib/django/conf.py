@@ -50,6 +50,7 @@ from ...config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig, brief_repr
 from ...dns import Resolver
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
+from ...parameters import PARAMETERS
 from ...pool import RebalancingQueuePool
 
 __all__ = [
@@ -74,38 +75,20 @@ POSTGRESQL_ENGINE = "sqla_rebalance.contrib.django.backends.postgresql"
 MYSQL_ENGINE = "sqla_rebalance.contrib.django.backends.mysql"
 _ENGINE_PORTS = {POSTGRESQL_ENGINE: 5432, MYSQL_ENGINE: 3306}
 
-#: Settings key -> ``create_engine`` argument. Keys left out are not passed,
-#: so the pool's own defaults apply (see docs/configuration.md).
+#: Settings key -> ``create_engine`` argument (``parameters.PARAMETERS``;
+#: SECRET is read apart, see AliasConfig.secret). Keys left out are not
+#: passed, so the pool's own defaults apply (see docs/configuration.md).
 POOL_KEYS: dict[str, str] = {
-    "POOL_SIZE": "pool_size",
-    "MAX_OVERFLOW": "max_overflow",
-    "POOL_TIMEOUT": "pool_timeout",
-    "RECYCLE": "pool_recycle",
-    "JITTER": "recycle_jitter",
-    "MIN_SIZE": "min_size",
-    "MAX_IDLE": "max_idle",
-    "USE_LIFO": "pool_use_lifo",
-    "PRE_PING": "pool_pre_ping",
-    "POOL_NAME": "pool_name",
-    "HOSTS": "hosts",
-    "TARGET_ROLE": "target_role",
-    "DNS_NAMESERVERS": "dns_nameservers",
-    "DNS_MIN_REFRESH": "dns_min_refresh",
-    "DNS_MAX_REFRESH": "dns_max_refresh",
-    "HEALTH_CHECK_INTERVAL": "health_check_interval",
-    "HEALTH_CHECK_TIMEOUT": "health_check_timeout",
-    "CONNECT_DEADLINE": "connect_deadline",
-    "UNHEALTHY_THRESHOLD": "unhealthy_threshold",
-    "REBALANCE_SPREAD": "rebalance_spread",
-    "BROADCAST": "broadcast",
-    "MIN_RECYCLE_INTERVAL": "min_recycle_interval",
+    p.django: p.create_engine_keyword
+    for p in PARAMETERS
+    if p.django and p.argument != "broadcast_secret"
 }
 #: Properties of one database (where it is, which role, the pool's name for
 #: commands): at the top level they apply to the ``default`` alias only, as
 #: the Flask integration's do to the default engine. Every other alias sets
 #: its own under ``DATABASES``; inheriting them would point a second database
 #: at the first one's hosts, or give every pool the same name.
-PER_DATABASE_KEYS = ("HOSTS", "TARGET_ROLE", "POOL_NAME")
+PER_DATABASE_KEYS = tuple(p.django for p in PARAMETERS if p.django and p.per_database)
 #: Keys that are not pool arguments.
 OTHER_KEYS = ("SECRET_ENV", "SECRET", "ENGINE_OPTIONS")
 KNOWN_KEYS = (*POOL_KEYS, *OTHER_KEYS)

@@ -1,0 +1,145 @@
+"""The parameter table (``sqla_rebalance.parameters``) against the pool and every integration.
+
+Each setting is given alone, with a value that is not its default, through
+``create_engine`` keywords, ``recreate()``, the URL plugin and the Django
+settings: it must reach the pool's ``config`` unchanged. A setting added to
+the pool but not to the table (or the other way round) fails here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import create_engine
+
+from sqla_rebalance import RebalancingQueuePool
+from sqla_rebalance.config import PoolConfig
+from sqla_rebalance.parameters import PARAMETERS, Parameter
+
+#: A value that is not the default, for each kind of setting, and the same as URL text.
+SAMPLES: dict[str, tuple[Any, str]] = {
+    "pool_size": (7, "7"),
+    "max_overflow": (3, "3"),
+    "timeout": (12.5, "12.5"),
+    "use_lifo": (True, "true"),
+    "pre_ping": (True, "true"),
+    "recycle": (600.0, "600"),
+    "recycle_jitter": (0.3, "0.3"),
+    "min_size": (2, "2"),
+    "max_idle": (120.0, "120"),
+    "pool_name": ("orders", "orders"),
+    "hosts": (None, ""),  # file paths, made per test (SQLite "hosts")
+    "target_role": ("primary", "primary"),
+    "dns_nameservers": (["127.0.0.1:5353"], "127.0.0.1:5353"),
+    "dns_min_refresh": (2.5, "2.5"),
+    "dns_max_refresh": (30.0, "30"),
+    "health_check_interval": (None, "none"),
+    "health_check_timeout": (0.5, "0.5"),
+    "connect_deadline": (2.0, "2"),
+    "unhealthy_threshold": (5, "5"),
+    "rebalance_spread": (4.0, "4"),
+    "broadcast": (None, ""),  # a SQLite bus file, made per test
+    "broadcast_secret": ("s3cret", ""),
+    "min_recycle_interval": (1.5, "1.5"),
+}
+
+
+#: Settings that mean something only with another one.
+NEEDS: dict[str, dict[str, Any]] = {"recycle_jitter": {"pool_recycle": 600}}
+
+
+@pytest.fixture(autouse=True)
+def _secret(monkeypatch):
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", "test-secret")  # no warning for the bus
+
+
+@pytest.fixture
+def sample(tmp_path):
+    def sample(param: Parameter) -> tuple[Any, str]:
+        if param.argument == "hosts":
+            files = [str(tmp_path / "a.db"), str(tmp_path / "b.db")]
+            return files, ",".join(files)
+        if param.argument == "broadcast":
+            url = f"sqlite:///{tmp_path}/bus.db"
+            return url, url
+        return SAMPLES[param.argument]
+
+    return sample
+
+
+def _config_value(engine: Any, param: Parameter) -> Any:
+    value = getattr(engine.pool.config, param.build)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_the_table_and_the_pool_signature_agree():
+    signature = inspect.signature(RebalancingQueuePool.__init__).parameters
+    spelt = [
+        name
+        for name, p in signature.items()
+        if name not in ("self", "creator") and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    assert sorted(spelt) == sorted(p.argument for p in PARAMETERS if p.in_signature)
+    documented = inspect.getdoc(RebalancingQueuePool) or ""
+    for p in PARAMETERS:
+        if not p.sqlalchemy:
+            assert f":param {p.argument}:" in documented, p.argument
+    assert set(SAMPLES) == {p.argument for p in PARAMETERS}
+
+
+def test_the_table_and_pool_config_agree():
+    built = set(inspect.signature(PoolConfig.build).parameters)
+    assert built == {p.build for p in PARAMETERS if p.build}
+    fields = set(PoolConfig.__dataclass_fields__)
+    assert {p.stored for p in PARAMETERS if p.stored} <= fields
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.build], ids=lambda p: p.argument)
+def test_each_setting_reaches_the_pool_and_survives_recreate(param, sample, tmp_path):
+    value, _ = sample(param)
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        **{param.create_engine_keyword: value},
+        **NEEDS.get(param.argument, {}),
+    )
+    try:
+        assert _config_value(engine, param) == value
+        before = engine.pool.config
+        engine.dispose()  # recreate()
+        assert engine.pool.config == before
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.url], ids=lambda p: p.url_name)
+def test_each_url_parameter_reaches_the_pool(param, sample, tmp_path):
+    value, text = sample(param)
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db?plugin=rebalance&{param.url_name}={quote(text, safe='')}",
+        **NEEDS.get(param.argument, {}),
+    )
+    try:
+        assert isinstance(engine.pool, RebalancingQueuePool)
+        assert _config_value(engine, param) == value
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.django], ids=lambda p: p.django)
+def test_each_django_key_becomes_its_create_engine_argument(param, sample):
+    pytest.importorskip("django")
+    from sqla_rebalance.contrib.django import conf
+
+    value, _ = sample(param)
+    if param.argument == "hosts":  # PostgreSQL hosts, not SQLite files
+        value = ["db-a.test:5432", ["dr.test:5432"]]
+    databases = {"default": {"ENGINE": conf.POSTGRESQL_ENGINE, "OPTIONS": {}}}
+    raw = {param.django: value}
+    if param.argument == "broadcast_secret":
+        raw["BROADCAST"] = "sqlite:///tmp/unused-bus.db"
+    kw = conf.build(raw, databases).for_alias("default").engine_kwargs(False)
+    assert kw[param.create_engine_keyword] == value

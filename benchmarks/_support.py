@@ -18,8 +18,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import Pool, QueuePool
 
-#: The repository root, so that ``tests.servers`` and ``sqla_rebalance`` import
-#: from a checkout even when the package is not installed.
+#: The repository root, so that ``sqla_rebalance`` (development servers included)
+#: imports from a checkout even when the package is not installed.
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -81,7 +81,7 @@ def postgres_url(dsn: str | None = None) -> Iterator[str]:
     if dsn:
         yield ensure_loopback(dsn)
         return
-    from tests.servers import PostgresCluster
+    from sqla_rebalance.devservers import PostgresCluster
 
     with PostgresCluster(n=1) as cluster:
         yield ensure_loopback(cluster.servers[0].url(driver="psycopg"))

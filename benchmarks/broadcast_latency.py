@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="  log: %(name)s: %(message)s")
     began = time.monotonic()
 
-    from tests.servers import PostgresCluster, RedisServer
+    from sqla_rebalance.devservers import PostgresCluster, RedisServer
 
     # While replacing, a process may hold up to twice its pool (make-before-break),
     # plus its bus listener's connection.

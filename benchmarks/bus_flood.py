@@ -156,7 +156,7 @@ def redis_url(given: str | None) -> Iterator[str]:
     if given:
         yield ensure_loopback(given)
         return
-    from tests.servers import RedisServer
+    from sqla_rebalance.devservers import RedisServer
 
     server = RedisServer()
     try:

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.warmup, args.down, args.after = 1.0, 4.0, 4.0
 
-    from tests.servers import PostgresCluster
+    from sqla_rebalance.devservers import PostgresCluster
 
     results = {}
     with PostgresCluster(n=3) as cluster:

@@ -949,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="  log: %(name)s: %(message)s")
     logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
 
-    from tests.servers import PostgresCluster
+    from sqla_rebalance.devservers import PostgresCluster
 
     # SIGTERM runs the finally blocks (thaw, stop the servers) like Ctrl-C does.
     def on_term(signum: int, frame: Any) -> None:

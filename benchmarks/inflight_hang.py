@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     # Here rather than at the top: each client process imports this module again.
     from _support import ensure_loopback
 
-    from tests.servers import PostgresCluster
+    from sqla_rebalance.devservers import PostgresCluster
 
     with PostgresCluster(n=1) as cluster:
         server = cluster.servers[0]

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.warmup, args.window = 1.0, 6.0
 
-    from tests.servers import DnsServer, PostgresCluster
+    from sqla_rebalance.devservers import DnsServer, PostgresCluster
 
     results = {}
     with PostgresCluster(n=4) as cluster, DnsServer(ttl=int(TTL)) as dns:

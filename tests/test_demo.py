@@ -1,20 +1,31 @@
 """``sqla-rebalance demo``: host rotation over SQLite files, and over local PostgreSQL servers.
 
 The demo is run for real (short timelines); the assertions use what it returns
-(``stats["demo"]``) and what it prints.
+(``stats["demo"]``) and what it prints. The package (demo and development servers included)
+must work without the repository: it never imports ``tests``.
 """
 
 from __future__ import annotations
 
+import ast
 import io
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from sqla_rebalance import cli, demo
-from sqla_rebalance.demo import min_moves, run_demo
+import sqla_rebalance
+from sqla_rebalance import cli, devservers
+from sqla_rebalance.demo import backends, min_moves, run_demo
+
+PACKAGE = Path(sqla_rebalance.__file__).resolve().parent
+ROOT = PACKAGE.parent
 
 HOSTS = 4
 
@@ -126,7 +137,7 @@ def test_modes_are_exclusive(capsys):
 
 
 def test_postgres_demo_says_what_is_missing(monkeypatch, capsys):
-    monkeypatch.setattr(demo, "_have_psycopg", lambda: False)
+    monkeypatch.setattr(backends, "have_psycopg", lambda: False)
     assert cli.main(["demo", "--postgres", "--duration", "1"]) == 2
     assert "needs psycopg" in capsys.readouterr().err
 
@@ -134,10 +145,9 @@ def test_postgres_demo_says_what_is_missing(monkeypatch, capsys):
 @pytest.mark.servers
 def test_postgres_demo_rotates_over_servers(monkeypatch):
     pytest.importorskip("psycopg")
-    servers = pytest.importorskip("tests.servers")
     # The demo starts its own cluster: a fixed port would clash with the session's pg_cluster.
-    monkeypatch.delenv(servers.PORT_ENV, raising=False)
-    parent = servers._default_parent_dir() or tempfile.gettempdir()
+    monkeypatch.delenv(devservers.PORT_ENV, raising=False)
+    parent = devservers.default_parent_dir() or tempfile.gettempdir()
     before = _leftovers(parent, "sqla-rebalance-pg-")
     buf = io.StringIO()
     stats = run_demo(duration=10.0, threads=4, recycle=2.0, jitter=0.5, out=buf, mode="postgres")
@@ -150,3 +160,101 @@ def test_postgres_demo_rotates_over_servers(monkeypatch):
     assert all(re.fullmatch(r"127\.0\.0\.[2-5]:\d+", key) for key in summary["hosts"].values())
     # The cluster was stopped and its data removed.
     assert _leftovers(parent, "sqla-rebalance-pg-") <= before
+
+
+# --------------------------------------------------------------------------- no ``tests`` inside
+
+
+def _imports_of_tests(path: Path) -> list[str]:
+    """``import tests...``, ``from tests...`` and ``"tests.xyz"`` module names in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if re.fullmatch(r"tests(\.\w+)*", node.value) else []
+        found += [f"{path.name}:{node.lineno}: {n}" for n in names if n.split(".")[0] == "tests"]
+    return found
+
+
+def test_package_source_never_imports_tests():
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _imports_of_tests(path)]
+    assert found == []
+
+
+def _run_from_copy(
+    tmp_path: Path, code: str, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports a copy of the package, as installed from
+    a wheel: the repository is neither the working directory nor on ``sys.path``."""
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "sqla_rebalance", ignore=shutil.ignore_patterns("__pycache__"))
+    environ = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", *unset}}
+    environ["PYTHONPATH"] = str(site)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(site), str(ROOT)],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
+
+
+# Shared by the two tests below: where the package came from, and that nothing of the
+# repository is reachable.
+_CHECKS = """
+import os, sys
+site, root = sys.argv[1:]
+import sqla_rebalance
+assert sqla_rebalance.__file__.startswith(site), sqla_rebalance.__file__
+assert not any(os.path.abspath(p or ".") == root for p in sys.path), sys.path
+"""
+_NO_TESTS = """
+assert not any(m == "tests" or m.startswith("tests.") for m in sys.modules), sorted(sys.modules)
+"""
+
+
+def test_package_imports_no_tests_module(tmp_path):
+    code = _CHECKS + "import sqla_rebalance.cli, sqla_rebalance.demo, sqla_rebalance.devservers\n"
+    result = _run_from_copy(tmp_path, code + _NO_TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.servers
+def test_postgres_demo_servers_need_no_checkout(tmp_path):
+    """The demo's PostgreSQL hosts come from the package (``sqla_rebalance.devservers``)."""
+    pytest.importorskip("psycopg")
+    code = (
+        _CHECKS
+        + """
+import json
+from sqla_rebalance.demo.backends import PostgresHosts
+hosts = PostgresHosts()
+try:
+    hosts.prepare()  # starts the four servers and creates the demo's table on each
+    result = {
+        "keys": hosts.keys,
+        "cluster": type(hosts.cluster).__module__,
+        "running": [server.is_running() for server in hosts.cluster.servers],
+    }
+finally:
+    hosts.close()
+result["stopped"] = not any(server.is_running() for server in hosts.cluster.servers)
+print(json.dumps(result))
+"""
+        + _NO_TESTS
+    )
+    # Its own cluster: a fixed port would clash with the session's pg_cluster.
+    result = _run_from_copy(tmp_path, code, unset=(devservers.PORT_ENV,))
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["cluster"] == "sqla_rebalance.devservers.postgres"
+    assert all(re.fullmatch(r"127\.0\.0\.[2-5]:\d+", key) for key in found["keys"])
+    assert len(found["keys"]) == 4
+    assert found["running"] == [True] * 4
+    assert found["stopped"]

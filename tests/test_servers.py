@@ -22,7 +22,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from .servers import (
+from sqla_rebalance.devservers import (
     PORT_ENV,
     DnsServer,
     MariaDBCluster,
@@ -562,10 +562,12 @@ def test_repair_between_tests_2_everything_is_back(
     assert dns_server.lookup(dns_name) is None
 
 
-def test_python_m_tests_servers_dns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["sqla_rebalance.devservers", "tests.servers"])
+def test_python_m_servers_dns(module: str, tmp_path: Path) -> None:
+    """``python -m sqla_rebalance.devservers`` (from anywhere), and the tests' re-export."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.servers", "dns", "--record", "db.test=127.0.0.2,127.0.0.3"],
-        cwd=ROOT,
+        [sys.executable, "-m", module, "dns", "--record", "db.test=127.0.0.2,127.0.0.3"],
+        cwd=ROOT if module.startswith("tests.") else tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

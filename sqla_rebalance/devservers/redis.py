@@ -1,0 +1,73 @@
+"""Redis: one :class:`RedisServer` on 127.0.0.1, without persistence."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._common import LOCALHOST, _account, _chown, find_program, install_hint
+from ._process import _StandaloneServer
+
+REDIS_PORT_ENV = "SQLA_REBALANCE_REDIS_PORT"
+
+
+def _redis_account() -> pwd.struct_passwd | None:
+    return _account("redis", "Redis", install_hint("redis-server"))
+
+
+class RedisServer(_StandaloneServer):
+    """One Redis on ``127.0.0.1:PORT`` without persistence (``--save "" --appendonly no``).
+
+    ``port`` defaults to ``$SQLA_REBALANCE_REDIS_PORT`` or a free one (kept across restarts);
+    ``settings`` are extra ``redis-server`` options (``{"maxclients": "100"}``).
+    :meth:`stop` is a host failure, :meth:`close` removes everything.
+    """
+
+    kind = "Redis"
+    port_env = REDIS_PORT_ENV
+    dir_prefix = "sqla-rebalance-redis-"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        host: str = LOCALHOST,
+        directory: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(host, port, directory)
+        self.settings = dict(settings or {})
+
+    @property
+    def logfile(self) -> Path:
+        return self.directory / "redis.log"
+
+    def url(self, db: int = 0) -> str:
+        """``redis://127.0.0.1:PORT/0``"""
+        return f"redis://{self.host}:{self.port}/{db}"
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<RedisServer {self.address} {state} {self.directory}>"
+
+    def _launch(self) -> None:
+        account = _redis_account()
+        _chown(account, self.directory)
+        argv = [str(find_program("redis-server", "redis-server"))]
+        argv += ["--bind", self.host, "--port", str(self.port), "--dir", str(self.directory)]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", ""]
+        for name, value in self.settings.items():
+            argv += [f"--{name}", value]
+        self._spawn(argv, cwd=self.directory, account=account)
+
+    def _ready(self) -> bool:
+        """True once the server answers PING."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False

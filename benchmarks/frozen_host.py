@@ -12,7 +12,7 @@ accepts TCP connections and ACKs data, but nothing answers, so a connect
 runs into ``connect_timeout`` and a statement (or a pre-ping) on an existing
 connection waits, with no error, until the thaw.
 
-The freeze is ``server.freeze()`` of ``tests/servers.py``: SIGSTOP to the
+The freeze is ``server.freeze()`` of ``sqla_rebalance.devservers``: SIGSTOP to the
 postmaster and every process below it. PostgreSQL makes each backend the
 leader of a session of its own (``setsid()``), so a process-group signal
 alone would leave the existing sessions answering (``freeze()`` stopped only
@@ -182,7 +182,7 @@ class Freezer:
             os.kill(pid, signal.SIGSTOP)
             self.stopped.append(pid)
             return
-        self.server.freeze()  # the postmaster and every backend (tests/servers.py)
+        self.server.freeze()  # the postmaster and every backend (devservers)
 
     def thaw(self) -> None:
         if not self.frozen:

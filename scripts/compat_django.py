@@ -6,7 +6,7 @@
 
 The Python that runs this script is the one under test. It downloads the sdist of the
 Django release installed there (``pip download``, once, into ``.compat-cache/``), starts a
-private server on a loopback address (``tests/servers.py``: ``PostgresCluster(n=1)``,
+private server on a loopback address (``sqla_rebalance.devservers``: ``PostgresCluster(n=1)``,
 ``MariaDBCluster(n=1)``; user and database ``app``), and runs Django's
 ``tests/runtests.py`` twice with ``compat/django_settings.py``: once with Django's backend
 (``django.db.backends.postgresql`` / ``.mysql``) and once with ours
@@ -65,7 +65,7 @@ OUR_BACKEND = "sqla_rebalance.contrib.django.backends."
 
 @contextlib.contextmanager
 def server(db: str) -> Iterator[tuple[str, int]]:
-    from tests.servers import MariaDBCluster, PostgresCluster
+    from sqla_rebalance.devservers import MariaDBCluster, PostgresCluster
 
     cluster = PostgresCluster(n=1) if db == "postgresql" else MariaDBCluster(n=1)
     with cluster:

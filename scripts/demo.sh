@@ -22,12 +22,12 @@ pip_install() {
 pip_install -U pip
 pip_install -e .
 
-# Can this machine run the PostgreSQL demo? Server programs found (tests/servers.py looks in
+# Can this machine run the PostgreSQL demo? Server programs found (sqla_rebalance.devservers looks in
 # the usual places), and, as root, a postgres account to run them as.
 pg_usable() {
   .venv/bin/python - <<'EOF' 2>/dev/null
 import os, pwd
-from tests.servers import find_pg_bindir
+from sqla_rebalance.devservers import find_pg_bindir
 find_pg_bindir()
 if os.geteuid() == 0:
     pwd.getpwnam("postgres")
@@ -53,7 +53,6 @@ case " $* " in
     fi ;;
 esac
 
-# From the repository root, so that the PostgreSQL mode can import tests/servers.py.
 if [ "${mode[*]-}" = --postgres ]; then
   # Chosen here, not by the caller: if the servers cannot start (exit status 2, with the
   # reason), fall back to SQLite files rather than fail.

@@ -3,7 +3,7 @@
 # dnsmasq, and what pip needs to build mysqlclient from source (the MariaDB client headers,
 # pkg-config, a C compiler and Python's headers). Idempotent: does nothing when they are all
 # installed. Starts no service -- the tests start their own private servers on 127.0.0.x
-# (tests/servers.py) -- and disables the system services of the packages it installs. Quiet; on
+# (sqla_rebalance.devservers) -- and disables the system services of the packages it installs. Quiet; on
 # failure the apt output is shown. Needs root (or sudo).
 set -euo pipefail
 

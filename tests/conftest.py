@@ -1,6 +1,6 @@
 """Shared pytest set-up: command-line options, markers and the real-server fixtures.
 
-Server fixtures start real servers on loopback addresses (see ``tests/servers.py``) lazily:
+Server fixtures start real servers on loopback addresses (see ``sqla_rebalance.devservers``) lazily:
 only when a selected test needs them, once per session, and stop them (removing their data) at
 the end of the session. Before every test, whatever a previous test broke is repaired: stopped
 servers are started again, a promoted standby is rebuilt.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
@@ -32,6 +31,7 @@ from .base import (
     publish_ceiling,
     read_ceiling,
 )
+from .polling import PollingSubscription
 
 __all__ = ["POLL_INTERVAL", "SQLiteBus"]
 
@@ -161,58 +161,36 @@ def _read(conn: sqlite3.Connection, channel: str, gen: int, limit: int) -> list[
     return out
 
 
-class _SQLiteSubscription(Subscription):
+class _SQLiteSubscription(PollingSubscription):
+    poll_interval = POLL_INTERVAL
+    head_check_every = _HEAD_CHECK
+
     def __init__(self, bus: SQLiteBus) -> None:
         self._bus = bus
         self._conn = bus.connect()
-        self._buffer: deque[bytes] = deque()
-        self._head_checked = time.monotonic()
-        #: Positions delivered, in order (they only grow).
-        self._delivered: deque[int] = deque(maxlen=LOG_LENGTH)
         try:
             # Polling starts from here; what came before is the listener's
             # catch-up read (``since``), as for the other transports.
-            self._seen = _generation(self._conn, bus.channel, read_ceiling())
-            self._delivered.append(self._seen)
+            head = _generation(self._conn, bus.channel, read_ceiling())
         except sqlite3.Error as err:
             self.close()
             raise self._fail(err) from err
+        super().__init__(head)
 
     def _fail(self, err: Exception) -> BusUnavailableError:
         return BusUnavailableError(f"sqlite {self._bus.path}: {err}")
 
-    def get(self, timeout: float) -> bytes | None:
-        deadline = time.monotonic() + timeout
-        while not self._buffer:
-            try:
-                rows = _read(self._conn, self._bus.channel, self._seen, 100)
-                if not rows and time.monotonic() - self._head_checked >= _HEAD_CHECK:
-                    self._head_checked = time.monotonic()
-                    self._rewind(_generation(self._conn, self._bus.channel, read_ceiling()))
-            except sqlite3.Error as err:
-                raise self._fail(err) from err
-            for gen, message in rows:
-                self._seen = max(self._seen, gen)
-                self._delivered.append(gen)
-                self._buffer.append(message)
-            if self._buffer:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            time.sleep(min(POLL_INTERVAL, left))
-        return self._buffer.popleft()
-
-    def _rewind(self, head: int) -> None:
-        """The polling position is the transport's, moved by rows nobody verified: if
-        it is above the log's head (such a row was deleted), come back down to the
-        last row delivered that is still at or below the head, so that a new command
-        below the old position is read, and none is read twice."""
-        if self._seen <= head:
-            return
-        while self._delivered and self._delivered[-1] > head:
-            self._delivered.pop()
-        self._seen = self._delivered[-1] if self._delivered else 0
+    def _read(
+        self, seen: int, limit: int, head: bool
+    ) -> tuple[list[tuple[int, bytes]], int | None]:
+        try:
+            rows = _read(self._conn, self._bus.channel, seen, limit)
+            top = None
+            if head and not rows:
+                top = _generation(self._conn, self._bus.channel, read_ceiling())
+        except sqlite3.Error as err:
+            raise self._fail(err) from err
+        return rows, top
 
     def generation(self) -> int:
         try:
@@ -243,5 +221,6 @@ class _SQLiteSubscription(Subscription):
             raise self._fail(err) from err
 
     def close(self) -> None:
+        super().close()
         with contextlib.suppress(Exception):  # closing must never raise into the listener
             self._conn.close()

@@ -17,6 +17,7 @@ from sqla_rebalance import RebalancingQueuePool
 from sqla_rebalance.bus import fleet_status, open_bus, postgres_bus, send_command, wait_for
 from sqla_rebalance.bus.base import BusUnavailableError, next_generation
 from sqla_rebalance.bus.postgres_bus import SCHEMA
+from sqla_rebalance.errors import ConfigurationError
 
 from .bus_cases import (
     Store,
@@ -43,6 +44,12 @@ def bus(bus_server):
     return f"{bus_server.url(driver=None)}?channel=t{os.getpid()}_{next(_channels)}"
 
 
+@pytest.fixture(params=["listen", "poll"])
+def any_bus(request, bus):
+    """The bus in both modes: LISTEN/NOTIFY, and polling with no connection held."""
+    return bus if request.param == "listen" else f"{bus}&mode=poll&poll_interval=0.2"
+
+
 @pytest.fixture
 def apps():
     started = []
@@ -59,7 +66,8 @@ def listener_backends(server) -> list[int]:
     return [r[0] for r in rows]
 
 
-def test_a_command_reaches_every_process(bus, pg_url, apps):
+def test_a_command_reaches_every_process(any_bus, pg_url, apps):
+    bus = any_bus
     apps += start_apps(3, db=pg_url, bus=bus, pool="orders", secret=SECRET, pool_size=2)
     sent = send_command(bus, "recycle", pool="orders", spread=0.2, secret=SECRET)
     result = wait_for(bus, sent.generation, pool="orders", timeout=20)
@@ -239,14 +247,21 @@ class PostgresStore(Store):
         )
 
 
-def test_junk_in_the_log_moves_nothing(bus, bus_server, tmp_path):
+def test_junk_in_the_log_moves_nothing(any_bus, bus_server, tmp_path):
     """gen = 2**63-1 (and junk an hour ahead): no cursor, generation or --wait answer
     moves, a missed command is caught up, publishing works ("bigint out of range")."""
-    check_junk_in_the_log_moves_nothing(bus, SECRET, tmp_path, PostgresStore(bus_server, bus))
+    # Poll mode reads the log at every poll: there is no connection to break.
+    check_junk_in_the_log_moves_nothing(
+        any_bus,
+        SECRET,
+        tmp_path,
+        PostgresStore(bus_server, any_bus),
+        catch_up="mode=poll" not in any_bus,
+    )
 
 
-def test_junk_heartbeats_are_skipped_and_counted(bus, bus_server, tmp_path):
-    check_junk_heartbeats_are_skipped(bus, SECRET, tmp_path, PostgresStore(bus_server, bus))
+def test_junk_heartbeats_are_skipped_and_counted(any_bus, bus_server, tmp_path):
+    check_junk_heartbeats_are_skipped(any_bus, SECRET, tmp_path, PostgresStore(bus_server, any_bus))
 
 
 def test_a_password_in_the_bus_url_is_never_shown(bus_server, tmp_path, monkeypatch, capsys):
@@ -311,3 +326,116 @@ def test_a_hung_bus_server_is_left_and_rejoined_after_the_thaw(
         poll(lambda: pool.stats().bus.generation_applied == sent.generation, timeout=30)
     finally:
         engine.dispose()
+
+
+def _ours_on(server) -> list[str]:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT application_name FROM pg_stat_activity"
+            " WHERE application_name LIKE 'sqla-rebalance-%%'"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_poll_mode_holds_no_connection_between_reads(bus, bus_server, tmp_path):
+    polled = f"{bus}&mode=poll&poll_interval=0.3"
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=1,
+        broadcast=polled,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.stats().bus.connected)
+        sent = send_command(polled, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == sent.generation)
+        assert [p.process for p in fleet_status(polled)] == [pool.stats().bus.process]
+        samples = []
+        for _ in range(20):
+            samples.append(_ours_on(bus_server))
+            time.sleep(0.1)
+        assert not any("sqla-rebalance-listener" in seen for seen in samples)
+        # A read lasts milliseconds every 0.3 s: mostly nobody is there.
+        assert sum(1 for seen in samples if seen) <= 5, samples
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "mode=push",
+        "mode=poll&poll_interval=nan",
+        "mode=poll&poll_interval=0",
+        "mode=poll&poll_interval=-1",
+        "mode=poll&poll_interval=1e9",
+        "mode=poll&poll_interval=soon",
+        "poll_interval=2",
+        "mode=poll&mode=listen",
+    ],
+)
+def test_poll_mode_parameters_are_checked(bus, query):
+    with pytest.raises(ConfigurationError):
+        open_bus(f"{bus}&{query}")
+
+
+def test_poll_mode_parameters_stay_out_of_libpq(bus):
+    opened = open_bus(f"{bus}&mode=poll&poll_interval=0.5")
+    assert opened.poll_interval == 0.5
+    assert "mode" not in opened._libpq_url and "poll_interval" not in opened._libpq_url
+    assert open_bus(bus).poll_interval is None  # listen mode, as before
+    assert open_bus(f"{bus}&mode=poll").poll_interval == postgres_bus.DEFAULT_POLL_INTERVAL
+
+
+def test_dead_processes_heartbeats_are_removed_within_a_minute(any_bus, bus_server, tmp_path):
+    channel = open_bus(any_bus).channel
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=any_bus,
+        broadcast_secret=SECRET,
+    )
+    try:
+        poll(lambda: engine.pool.stats().bus.connected)
+        with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO sqla_rebalance_heartbeats VALUES"
+                " (%s, 'gone-a-while', '{}', now() - interval '2 minutes'),"
+                " (%s, 'just-gone', '{}', now() - interval '5 seconds')",
+                (channel, channel),
+            )
+
+            def left() -> list[str]:
+                rows = conn.execute(
+                    "SELECT process FROM sqla_rebalance_heartbeats"
+                    " WHERE channel = %s AND process IN ('gone-a-while', 'just-gone')",
+                    (channel,),
+                ).fetchall()
+                return sorted(r[0] for r in rows)
+
+            # The listener's next heartbeat (fast after connecting) cleans up.
+            poll(lambda: left() == ["just-gone"], timeout=20)
+            plan = conn.execute(
+                "EXPLAIN DELETE FROM sqla_rebalance_heartbeats"
+                " WHERE channel = 'x' AND expires_at < now() - interval '60 seconds'"
+            ).fetchall()
+        assert any("sqla_rebalance_heartbeats_expiry" in r[0] for r in plan) or any(
+            "Seq Scan" in r[0]
+            for r in plan  # a tiny table: the planner may prefer a scan
+        )
+    finally:
+        engine.dispose()
+
+
+def test_the_expiry_index_is_added_to_tables_made_by_an_earlier_version(bus, bus_server):
+    with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("DROP INDEX sqla_rebalance_heartbeats_expiry")
+    sub = open_bus(bus).subscribe()
+    sub.close()
+    with psycopg.connect(bus_server.dsn(), autocommit=True) as conn:
+        row = conn.execute("SELECT to_regclass('sqla_rebalance_heartbeats_expiry')").fetchone()
+    assert row is not None and row[0] is not None

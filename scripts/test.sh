@@ -54,6 +54,7 @@ step "benchmark smoke run (--check: promises gate CI; timing targets are only pr
 .venv/bin/python benchmarks/failover.py --quick --check
 .venv/bin/python benchmarks/broadcast_latency.py --quick --check
 .venv/bin/python benchmarks/frozen_host.py --quick --check
+.venv/bin/python benchmarks/pg_bus_modes.py --quick --check
 
 step "docs"
 .venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"

@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+from . import __version__, commands
 from .bus.base import redact
 from .bus.message import ACTIONS
-from .bus.report import (
-    ACTION_HELP,
-    check_seconds,
-    check_spread,
-    check_wait,
-    invalid_line,
-    process_lines,
-    sent_line,
-    sent_record,
-    wait_lines,
-)
-from .errors import ConfigurationError
+from .bus.report import ACTION_HELP, check_seconds, check_spread, check_wait
 from .pool import SECRET_ENV
 
 #: Default bus URL of the commands.
@@ -75,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         "cluster-wide recycle is sent by this CLI, from another process, over an embedded bus "
         "(a SQLite file). The hosts are "
         "SQLite files in temporary directories (default, no server needed), or with --postgres "
-        "four local PostgreSQL servers started from the repository's tests/servers.py. "
+        "four local PostgreSQL servers started with sqla_rebalance.devservers (needs the "
+        "PostgreSQL server programs). "
         "--url runs the single-database demo (no hosts) on that database.",
     )
     demo.add_argument(
@@ -114,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_const",
         const="postgres",
         help="hosts are four local PostgreSQL servers on 127.0.0.2-5 (needs the PostgreSQL "
-        "server programs, psycopg, and the repository checkout)",
+        "server programs and psycopg)",
     )
     where.add_argument("--url", help="one database, no hosts: the single-database demo")
     _bus_commands(sub)
@@ -184,96 +173,44 @@ def _bus_commands(sub: Any) -> None:
     status.add_argument("--pool", default="*", help="only pools matching this name or glob")
 
 
-def _fail(message: str, url: str | None) -> None:
-    """An error on stderr, with every password masked: URLs anywhere in it, and
-    with ``url``, that URL's passwords wherever a driver's message quotes them
-    (None for the bus's own errors, masked already)."""
-    print(f"sqla-rebalance: {redact(message, url)}", file=sys.stderr)
+def _fail(message: str) -> None:
+    """An error on stderr (the core has masked every password in it)."""
+    print(f"sqla-rebalance: {redact(message)}", file=sys.stderr)
 
 
-def _need_bus(args: argparse.Namespace) -> str | None:
+def _echo(line: str) -> None:
+    print(line)
+
+
+def _bus_command(args: argparse.Namespace) -> int:
+    """``recycle|rebalance|refresh|drain|status``: the command core's flow, on one bus."""
     if not args.bus:
-        print(f"sqla-rebalance: --bus URL is required (or set ${BUS_ENV})", file=sys.stderr)
-        return None
-    return str(args.bus)
-
-
-def _send(args: argparse.Namespace) -> int:
-    from .bus import BusUnavailableError, send_command, wait_for
-
-    url = _need_bus(args)
-    if url is None:
-        return 2
-    secret: str | None = None
-    if not args.unsigned:
-        secret = os.environ.get(args.secret_env) or None
-        if secret is None:
-            print(
-                f"sqla-rebalance: ${args.secret_env} is not set: set it to the pools' "
-                "broadcast_secret, or pass --unsigned for pools configured without one",
-                file=sys.stderr,
-            )
-            return 2
+        _fail(f"--bus URL is required (or set ${BUS_ENV})")
+        return commands.USAGE
     try:
-        sent = send_command(
-            url,
+        if args.command == "status":
+            target = commands.Target(args.bus, pools=(args.pool,))
+            return commands.status([target], (), commands.CLI, _echo, _fail, as_json=args.json)
+        req = commands.request(
             args.command,
-            pool=args.pool,
+            pools=(args.pool,),
             host=getattr(args, "host", None),
-            spread=getattr(args, "spread", 0.0),
-            secret=secret,
+            spread=getattr(args, "spread", None),
+            wait=args.wait,
+            unsigned=args.unsigned,
+            as_json=args.json,
         )
-    except BusUnavailableError as err:  # BusDataError too: junk on the bus is its problem
-        _fail(f"cannot publish: {err}", None)
-        return 3
-    except (ValueError, ConfigurationError) as err:
-        _fail(str(err), url)
-        return 2
-    if not args.json:
-        print(sent_line(sent))
-    result = None
-    status = 0
-    if args.wait is not None:
-        try:
-            result = wait_for(url, sent.generation, pool=args.pool, timeout=args.wait)
-        except BusUnavailableError as err:
-            _fail(f"cannot read status: {err}", None)
-            return 3
-        if not args.json:
-            print("\n".join(wait_lines(result, args.pool)))
-        status = 0 if result.complete else 1
-    if args.json:
-        print(json.dumps(sent_record(sent, result), indent=2))
-    return status
-
-
-def _status(args: argparse.Namespace) -> int:
-    from .bus import BusUnavailableError, read_fleet
-
-    url = _need_bus(args)
-    if url is None:
-        return 2
-    try:
-        fleet = read_fleet(url)
-    except BusUnavailableError as err:
-        _fail(f"cannot read status: {err}", None)
-        return 3
-    except (ValueError, ConfigurationError) as err:
-        _fail(str(err), url)
-        return 2
-    skipped = invalid_line(fleet.invalid)
-    if skipped:
-        _fail(skipped, None)
-    procs = [p for p in fleet.processes if p.has_pool(args.pool)]
-    if args.json:
-        print(json.dumps([p.raw for p in procs], indent=2))
-        return 0
-    if not procs:
-        print("no live process on this bus")
-        return 0
-    for proc in procs:
-        print("\n".join(process_lines(proc)))
-    return 0
+        secret = None if args.unsigned else (os.environ.get(args.secret_env) or None)
+        target = commands.Target(
+            args.bus,
+            secret,
+            no_secret=f"${args.secret_env} is not set: set it to the pools' broadcast_secret, "
+            "or pass --unsigned for pools configured without one",
+        )
+        return commands.send(req, [target], commands.CLI, _echo)
+    except commands.CommandFailure as err:
+        _fail(err.message)
+        return err.code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,10 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     else:  # the pool's warnings (a host down, up again), lined up with the demo's lines
         logging.basicConfig(level=logging.WARNING, format="          %(levelname)-8s %(message)s")
-    if args.command in ACTIONS:
-        return _send(args)
-    if args.command == "status":
-        return _status(args)
+    if args.command in (*ACTIONS, "status"):
+        return _bus_command(args)
     if args.command == "demo":
         from .demo import DemoUnavailableError, run_demo
 

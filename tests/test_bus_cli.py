@@ -1,14 +1,22 @@
-"""The ``sqla-rebalance`` bus commands: arguments, secrets, exit codes and output (embedded bus)."""
+"""The ``sqla-rebalance`` bus commands: arguments, secrets, exit codes and output (embedded bus),
+and the command core they share with ``flask rebalance`` and ``manage.py sqla_rebalance``
+(``sqla_rebalance.commands``): its checks of every value, before anything is published."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
 from sqla_rebalance import RebalancingQueuePool
+from sqla_rebalance import commands as core
+from sqla_rebalance.bus import fleet_status, open_bus
 from sqla_rebalance.cli import main
 
 from .helpers import wait_for
@@ -152,8 +160,6 @@ def test_bad_numbers_are_usage_errors_and_publish_nothing(bus, argv, monkeypatch
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and argv[1] in err
-    from sqla_rebalance.bus import open_bus
-
     assert open_bus(bus).generation() == 0  # nothing was published
 
 
@@ -171,3 +177,128 @@ def test_wait_for_refuses_a_nan_timeout(bus):
             bus_wait_for(bus, 1, timeout=timeout)
     with pytest.raises(ValueError, match="interval"):
         bus_wait_for(bus, 1, timeout=1, interval=float("nan"))
+
+
+# --------------------------------------------------------------------------- the command core
+
+#: Every float, the edges spelled out, as a number and as the text an operator types.
+_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([math.nan, math.inf, -math.inf, -0.0, -1.0, 5e-324, 86400.0, 86400.5]),
+)
+_seconds = st.one_of(
+    _floats,
+    _floats.map(repr),
+    st.sampled_from(["nan", "-nan", "NaN", "inf", "-inf", "1e400", "-1", "soon", "", " 5 "]),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.booleans(),
+    st.none(),
+)
+
+
+def _in_range(value):
+    """What the core must make of ``value``: its seconds, or None for a usage error."""
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return seconds if math.isfinite(seconds) and 0 <= seconds <= 86400 else None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wait=_seconds, spread=_seconds, action=st.sampled_from(["recycle", "drain"]))
+def test_the_core_accepts_finite_seconds_in_range_and_refuses_the_rest_as_usage(
+    wait, spread, action
+):
+    """The one check of every front end: any value of --wait and --spread, number or text,
+    is a finite number of seconds from 0 to 86400, or a usage error naming the option."""
+    if action != "recycle" and spread is not None:
+        with pytest.raises(core.CommandFailure, match="--spread applies to recycle only") as err:
+            core.request(action, wait=wait, spread=spread)
+        assert err.value.code == core.USAGE
+        return
+    expected_wait = None if wait is None else _in_range(wait)
+    expected_spread = 0.0 if spread is None else _in_range(spread)
+    if (wait is not None and expected_wait is None) or expected_spread is None:
+        with pytest.raises(core.CommandFailure, match=r"^--(wait|spread) must be") as err:
+            core.request(action, wait=wait, spread=spread)
+        assert err.value.code == core.USAGE
+        return
+    req = core.request(action, wait=wait, spread=spread)
+    assert (req.wait, req.spread) == (expected_wait, expected_spread)
+    assert math.copysign(1, req.spread) == 1  # -0 is 0
+
+
+@pytest.mark.parametrize("field", ["wait", "spread"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, 86401.0])
+def test_a_hand_made_request_with_a_bad_number_publishes_nothing(bus, field, value):
+    req = core.Request("recycle", **{field: value})
+    with pytest.raises(core.CommandFailure, match=f"--{field}") as err:
+        core.send(req, [core.Target(bus, "s")], core.CLI, print)
+    assert err.value.code == core.USAGE
+    assert open_bus(bus).generation() == 0
+
+
+def test_every_bus_is_checked_before_anything_is_published(tmp_path, bus, capsys):
+    """A command reaches all its buses or, for a usage error on any of them, none."""
+    good = core.Target(bus, "s")
+    for bad, message in [
+        (core.Target("amqp://x/", "s"), "unknown bus scheme"),
+        (core.Target(f"sqlite:///{tmp_path}/b.db", None, no_secret="no secret here"), "no secret"),
+    ]:
+        with pytest.raises(core.CommandFailure, match=message) as err:
+            core.send(core.request("recycle"), [good, bad], core.FLASK, print)
+        assert err.value.code == core.USAGE
+    with pytest.raises(core.CommandFailure, match="pool must be") as err:
+        core.send(core.request("rebalance", pools=["orders", ""]), [good], core.FLASK, print)
+    assert open_bus(bus).generation() == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_one_wait_deadline_covers_every_command(tmp_path, engine, bus, capsys):
+    """Two buses, the second with no process on it: the layouts of the front ends with
+    several buses, and one --wait deadline for every command (not one per bus)."""
+    other = f"sqlite:///{tmp_path}/other.db"
+    targets = [core.Target(bus, SECRET), core.Target(other, SECRET)]
+    req = core.request("recycle", pools=["orders"], wait=0.5, as_json=True)
+    assert core.send(req, targets, core.DJANGO, print) == core.INCOMPLETE
+    first, second = json.loads(capsys.readouterr().out)["buses"]
+    assert first["applied"] == [engine.pool.stats().bus.process] and first["pending"] == []
+    assert second["applied"] == second["pending"] == [] and second["bus"] == other
+
+    assert core.send(core.request("rebalance", pools=["orders"]), targets, core.FLASK, print) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"rebalance pool=orders on {bus}",
+        f"rebalance pool=orders on {other}",
+    ]
+
+    started = time.monotonic()
+    req = core.request("refresh", pools=["nobody"], wait=1.0)
+    assert core.send(req, targets, core.FLASK, print) == core.INCOMPLETE
+    assert time.monotonic() - started < 1.8  # two waits of 1 s each would take 2 s
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == [
+        f"pool nobody on {where}: no live process has a pool matching 'nobody' on this bus"
+        for where in (bus, other)
+    ]
+
+
+def test_status_layouts(engine, bus, capsys):
+    """The documented ``status`` output of the Flask and Django front ends."""
+    wait_for(lambda: any(p.is_this_process() for p in fleet_status(bus)))
+    target = core.Target(bus, pools=("orders",))
+    assert core.status([target], (), core.DJANGO, print, print, as_json=True) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "bus" and out["buses"][0]["bus"] == bus
+    assert [p["pid"] for p in out["buses"][0]["processes"]] == [os.getpid()]
+    assert core.status([target], (), core.FLASK, print, print, as_json=True) == 0
+    (proc,) = json.loads(capsys.readouterr().out)
+    assert (proc["bus"], proc["this_process"]) == (bus, True)
+    assert core.status([target], ["billing"], core.FLASK, print, print) == 0
+    assert capsys.readouterr().out == "no live process with this app's pools on the bus\n"
+    assert core.status([target], (), core.DJANGO, print, print) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == f"bus {bus}: 1 live process(es)" and text[1].startswith("  ")

@@ -739,6 +739,57 @@ def test_manage_py_needs_the_secret_unless_unsigned(project, monkeypatch):
         assert err.value.returncode == 2
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recycle", "--wait", "nan"],
+        ["recycle", "--wait", "inf"],
+        ["recycle", "--wait", "-1"],
+        ["recycle", "--wait=-inf"],
+        ["recycle", "--wait", "1e400"],
+        ["recycle", "--wait", "86401"],
+        ["recycle", "--wait", "soon"],
+        ["drain", "--wait", "nan"],
+        ["recycle", "--spread", "nan"],
+        ["recycle", "--spread", "inf"],
+        ["recycle", "--spread", "-1"],
+        ["recycle", "--wait", "5", "--spread", "nan"],
+    ],
+)
+def test_bad_numbers_are_usage_errors_and_publish_nothing(project, args):
+    """Issue 11: ``--wait nan`` published, then failed with a traceback in ``wait_for``."""
+    bus = open_bus(project["DJTEST_BUS"])
+    before = bus.generation()
+    with pytest.raises(CommandError, match=r"^--(wait|spread) must be") as err:
+        call_command("sqla_rebalance", *args)
+    assert err.value.returncode == 2
+    assert bus.generation() == before
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("wait", float("nan")), ("wait", -1.0), ("spread", float("inf")), ("wait", True)],
+)
+def test_bad_numbers_from_python_are_usage_errors_too(project, option, value):
+    bus = open_bus(project["DJTEST_BUS"])
+    before = bus.generation()
+    with pytest.raises(CommandError, match=f"^--{option} must be") as err:
+        call_command("sqla_rebalance", "recycle", **{option: value})
+    assert err.value.returncode == 2
+    assert bus.generation() == before
+
+
+def test_manage_py_wait_nan_exits_2_without_a_traceback_or_a_command(project):
+    bus = open_bus(project["DJTEST_BUS"])
+    before = bus.generation()
+    done = manage("sqla_rebalance", "recycle", "--wait", "nan", env=project)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "--wait must be a finite number of seconds >= 0, got 'nan'" in done.stderr
+    assert done.stdout == ""
+    assert bus.generation() == before
+
+
 def test_pymysql_stays_one_module_under_django(mariadb_cluster):
     """PyMySQL installed as MySQLdb must not be loaded twice: Django's backend imports
     MySQLdb.* submodules, and a second copy would rebind pymysql.err, so that

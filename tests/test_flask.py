@@ -28,7 +28,7 @@ from sqla_rebalance import (
     RebalanceError,
     RebalancingQueuePool,
 )
-from sqla_rebalance.bus import fleet_status
+from sqla_rebalance.bus import fleet_status, open_bus
 from sqla_rebalance.bus.listener import process_id
 from sqla_rebalance.contrib.flask import SETTINGS, InitOrderError, Rebalance
 from sqla_rebalance.plugin import PARAMETERS, accepted_arguments
@@ -750,6 +750,42 @@ def test_cli_signs_with_the_env_secret_and_refuses_to_send_unsigned_unasked(
     assert f"pool {name}: applied by 1 process(es)" in result.stdout
     wait_for(lambda: pool.stats().open == 0)
     assert pool.stats().bus.messages_rejected == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["recycle", "--wait", "nan"], "--wait"),
+        (["recycle", "--wait", "inf"], "--wait"),
+        # click takes a "-1" after an option whose value is optional for another option
+        (["recycle", "--wait", "-1"], "No such option '-1'"),
+        (["recycle", "--wait", "1e400"], "--wait"),
+        (["recycle", "--wait", "86401"], "--wait"),
+        (["recycle", "--wait", "soon"], "--wait"),
+        (["drain", "--wait", "nan"], "--wait"),
+        (["rebalance", "--wait", "-inf"], "No such option"),
+        (["recycle", "--spread", "nan"], "--spread"),
+        (["recycle", "--spread", "inf"], "--spread"),
+        (["recycle", "--spread", "-1"], "--spread"),
+        (["recycle", "--wait", "1", "--spread", "nan"], "--spread"),
+    ],
+)
+def test_bad_numbers_are_usage_errors_and_publish_nothing(apps, tmp_path, args, message):
+    """``--wait inf`` used to publish, then fail with a traceback in ``wait_for``; ``nan``
+    published and looked once. Now any value that is not a finite number of seconds
+    from 0 to 86400 is click's usage error (exit 2), before anything is sent."""
+    bus = f"sqlite:///{tmp_path}/bus.db"
+    app, _, _ = apps(
+        {"SQLA_REBALANCE_BROADCAST": bus, "SQLA_REBALANCE_SECRET": SECRET}, with_db=False
+    )
+    result = invoke(app, *args)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # not a traceback
+    if message.startswith("--"):
+        assert f"Invalid value for '{message}': {message} must be" in result.stderr
+    else:
+        assert message in result.stderr
+    assert open_bus(bus).generation() == 0  # nothing was published
 
 
 # --------------------------------------------------------------------------- issue 11

@@ -3,6 +3,8 @@
 ``sqla-rebalance``, ``flask rebalance`` and ``manage.py sqla_rebalance`` print
 the same lines from these functions, so an operator reads one format whatever
 tool the application uses, and a script parsing ``--json`` gets the same keys.
+The flow that prints them (checks, publish, wait, exit status) is
+:mod:`sqla_rebalance.commands`, the command core of all three.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ def check_seconds(value: Any, option: str, maximum: float | None = None) -> floa
     The one check of every front end for ``--wait`` and ``--spread``: a finite
     number, at least 0, at most ``maximum`` (``--wait``: :data:`MAX_WAIT`,
     ``--spread``: one day). ``nan`` and ``inf`` are refused: a NaN wait would
-    never end and poll the bus as fast as it can.
+    never end and poll the bus as fast as it can. A bool is not a number of
+    seconds (``wait=True`` from Python is a mistake, not one second).
     """
     try:
+        if isinstance(value, bool):
+            raise TypeError("a bool")
         seconds = float(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{option} must be a number of seconds, got {value!r}") from None
@@ -56,7 +61,7 @@ def check_seconds(value: Any, option: str, maximum: float | None = None) -> floa
         raise ValueError(f"{option} must be a finite number of seconds >= 0, got {value!r}")
     if maximum is not None and seconds > maximum:
         raise ValueError(f"{option} must be at most {maximum:g} seconds, got {value!r}")
-    return seconds
+    return abs(seconds)  # -0.0 is 0.0
 
 
 def check_wait(value: Any) -> float:

@@ -143,3 +143,29 @@ def test_each_django_key_becomes_its_create_engine_argument(param, sample):
         raw["BROADCAST"] = "sqlite:///tmp/unused-bus.db"
     kw = conf.build(raw, databases).for_alias("default").engine_kwargs(False)
     assert kw[param.create_engine_keyword] == value
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.flask], ids=lambda p: p.flask)
+def test_each_flask_key_becomes_its_create_engine_argument_and_reaches_the_pool(
+    param, sample, tmp_path
+):
+    pytest.importorskip("flask")
+    from flask import Flask
+
+    from sqla_rebalance.contrib.flask import Rebalance
+
+    value, _ = sample(param)
+    app = Flask(__name__)
+    app.config[f"SQLA_REBALANCE_{param.flask.upper()}"] = value
+    if param.argument == "recycle_jitter":
+        app.config["SQLA_REBALANCE_RECYCLE"] = 600
+    if param.argument == "broadcast_secret":
+        app.config["SQLA_REBALANCE_BROADCAST"] = f"sqlite:///{tmp_path}/bus.db"
+    options = Rebalance(app).engine_options(app)
+    assert options[param.create_engine_keyword] == value
+    engine = create_engine(f"sqlite:///{tmp_path}/app.db", **options)
+    try:
+        if param.build:
+            assert _config_value(engine, param) == value
+    finally:
+        engine.dispose()

@@ -17,6 +17,7 @@ from ...config import brief_repr
 from ...dns import Resolver, parse_nameserver
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
+from ...parameters import PARAMETERS
 from ...plugin import parse_hosts_param
 
 __all__ = [
@@ -174,25 +175,29 @@ class Setting:
         return CONFIG_PREFIX + self.name.upper()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("recycle", "pool_recycle", _number),
-    Setting("jitter", "recycle_jitter", _number),
-    Setting("min_size", "min_size", _integer),
-    Setting("max_idle", "max_idle", _optional_number, none_is_value=True),
-    Setting("pool_name", "pool_name", _text, inherited=False),
-    Setting("hosts", "hosts", _hosts, inherited=False),
-    Setting("target_role", "target_role", _text, inherited=False),
-    Setting("dns_nameservers", "dns_nameservers", _nameservers),
-    Setting("dns_min_refresh", "dns_min_refresh", _number),
-    Setting("dns_max_refresh", "dns_max_refresh", _number),
-    Setting("health_check_interval", "health_check_interval", _optional_number, none_is_value=True),
-    Setting("health_check_timeout", "health_check_timeout", _number),
-    Setting("connect_deadline", "connect_deadline", _number),
-    Setting("unhealthy_threshold", "unhealthy_threshold", _integer),
-    Setting("rebalance_spread", "rebalance_spread", _number),
-    Setting("broadcast", "broadcast", _broadcast),
-    Setting("secret", "broadcast_secret", _secret),
-    Setting("min_recycle_interval", "min_recycle_interval", _number),
+#: How each kind of setting (``parameters.Kind``) is read from the app config.
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "number": _number,
+    "optional_number": _optional_number,
+    "integer": _integer,
+    "text": _text,
+    "hosts": _hosts,
+    "nameservers": _nameservers,
+    "url": _broadcast,
+    "secret": _secret,
+}
+
+#: Every setting of the table with a Flask name (``sqla_rebalance.parameters``).
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(
+        p.flask,
+        p.create_engine_keyword,
+        _PARSERS[p.kind],
+        inherited=not p.per_database,
+        none_is_value=p.none_is_value,
+    )
+    for p in PARAMETERS
+    if p.flask
 )
 _BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: Names accepted inside ``SQLA_REBALANCE_BINDS`` entries: the key suffix

@@ -23,10 +23,11 @@ checks that the signature and this table agree.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["PARAMETERS", "Kind", "Parameter", "by_argument"]
+__all__ = ["PARAMETERS", "Kind", "Parameter", "by_argument", "signature_defaults"]
 
 #: How a value is read from text (URL) or checked for type (settings):
 #: ``number`` finite float; ``optional_number`` the same or None; ``integer``;
@@ -176,3 +177,17 @@ _BY_ARGUMENT = {p.argument: p for p in PARAMETERS}
 def by_argument(argument: str) -> Parameter:
     """The parameter for a pool ``__init__`` argument (KeyError if unknown)."""
     return _BY_ARGUMENT[argument]
+
+
+def signature_defaults(poolclass: type) -> dict[str, Any]:
+    """Default values of a pool class's ``__init__`` arguments, up the class
+    hierarchy (the nearest class wins), as ``create_engine`` would leave them."""
+    out: dict[str, Any] = {}
+    for klass in poolclass.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in list(inspect.signature(init).parameters.values())[1:]:
+            if p.default is not inspect.Parameter.empty:
+                out.setdefault(p.name, p.default)
+    return out

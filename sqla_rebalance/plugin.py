@@ -39,6 +39,7 @@ from .config import PoolConfig, brief_repr
 from .dns import parse_nameserver
 from .errors import ConfigurationError
 from .hosts import parse_hosts
+from .parameters import signature_defaults
 from .pool import SECRET_ENV, AsyncRebalancingQueuePool, RebalancingQueuePool
 
 __all__ = ["PARAMETERS", "SECRET_ENV", "RebalancePlugin", "UrlParameter", "parse_hosts_param"]
@@ -211,19 +212,6 @@ def accepted_arguments(poolclass: type[Pool]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _defaults(poolclass: type[Pool]) -> dict[str, Any]:
-    """Default values of the pool's arguments (nearest class wins)."""
-    out: dict[str, Any] = {}
-    for klass in poolclass.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in list(inspect.signature(init).parameters.values())[1:]:
-            if p.default is not inspect.Parameter.empty:
-                out.setdefault(p.name, p.default)
-    return out
-
-
 def _unknown(key: str) -> str:
     """The message for a ``rebalance_*`` parameter that is not one of ours."""
     known = [p.name for p in PARAMETERS]
@@ -336,7 +324,7 @@ class RebalancePlugin(CreateEnginePlugin):
         [0, 1) …``), which a user who wrote ``rebalance_jitter=1.5`` would have
         to translate; the checks themselves stay in one place (``PoolConfig``).
         """
-        merged = {**_defaults(pool_cls), **pool_args}
+        merged = {**signature_defaults(pool_cls), **pool_args}
         merged.update({argument: value for argument, (_, _, value) in self.settings.items()})
         wanted = inspect.signature(PoolConfig.build).parameters
         try:

@@ -20,7 +20,7 @@ from ...bus import Bus
 from ...config import DEFAULT_POOL_NAME, PoolConfig, brief_repr
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
-from ...plugin import _defaults  # the pool arguments' defaults: imported here only
+from ...parameters import signature_defaults
 from ...pool import AsyncRebalancingQueuePool, RebalancingQueuePool
 from .settings import BY_BIND_NAME, Unset, Value
 
@@ -218,7 +218,7 @@ def plan_engine(
 
     # Validate as the pool will, with the user's options and the defaults.
     merged: dict[str, Any] = {
-        k: v for k, v in _defaults(RebalancingQueuePool).items() if k in _BUILD_PARAMS
+        k: v for k, v in signature_defaults(RebalancingQueuePool).items() if k in _BUILD_PARAMS
     }
     labels: dict[str, str] = {}
     for keyword, raw in user.items():

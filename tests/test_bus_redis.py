@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from sqla_rebalance import RebalancingQueuePool, signals
 from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
 from sqla_rebalance.bus.base import next_generation
+from sqla_rebalance.errors import ConfigurationError
 
 from .bus_cases import (
     Store,
@@ -578,3 +579,93 @@ def test_a_password_in_the_bus_url_is_never_shown(tmp_path, caplog, monkeypatch,
         for line in shown:
             assert "hunter2secret" not in line
         caplog.clear()
+
+
+@pytest.fixture
+def sentinel_trio():
+    """A Redis master, its replica and one Sentinel watching them (quorum 1)."""
+    from .servers import RedisSentinel, RedisServer
+
+    master = RedisServer()
+    replica = RedisServer(settings={"replicaof": f"{master.host} {master.port}"})
+    sentinel = RedisSentinel(master)
+    started = []
+    try:
+        for server in (master, replica, sentinel):
+            server.start()
+            started.append(server)
+        yield master, replica, sentinel
+    finally:
+        for server in reversed(started):
+            server.close()
+
+
+def test_a_sentinel_bus_follows_a_failover(sentinel_trio, tmp_path):
+    master, replica, sentinel = sentinel_trio
+    bus = f"{sentinel.url()}?channel=sentinel{os.getpid()}"
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        min_size=1,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.stats().bus.connected)
+        first = send_command(bus, "recycle", secret=SECRET)
+        poll(lambda: pool.stats().bus.generation_applied == first.generation)
+        assert [p.process for p in fleet_status(bus)] == [pool.stats().bus.process]
+        master.stop()  # the sentinel promotes the replica within seconds
+        with redis.Redis(host=sentinel.host, port=sentinel.port) as s:
+            poll(
+                lambda: (
+                    int(s.sentinel_get_master_addr_by_name(sentinel.service)[1]) == replica.port
+                ),
+                timeout=30,
+            )
+        # Publisher and listener both find the new master through the sentinel.
+        second = poll(lambda: _try_send(bus), timeout=30)
+        poll(lambda: pool.stats().bus.generation_applied == second.generation, timeout=30)
+        assert pool.stats().bus.connected
+    finally:
+        engine.dispose()
+
+
+def _try_send(bus: str):
+    from sqla_rebalance.bus.base import BusUnavailableError
+
+    try:
+        return send_command(bus, "rebalance", secret=SECRET)
+    except BusUnavailableError:
+        return None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://127.0.0.1:26379",  # no service
+        "redis+sentinel://127.0.0.1:26379/svc/zero",
+        "redis+sentinel://127.0.0.1:notaport/svc",
+        "redis+sentinel://127.0.0.1:26379/svc?timeout=1",
+    ],
+)
+def test_malformed_sentinel_urls_are_refused_at_once(url):
+    with pytest.raises(ConfigurationError):
+        open_bus(url)
+
+
+def test_sentinel_url_parts():
+    bus = open_bus("redis+sentinel://u:p%40ss@a:26379,b:26380/orders/2?sentinel_password=s")
+    target = bus.sentinel
+    assert target is not None
+    assert target.sentinels == [("a", 26379), ("b", 26380)]
+    assert (target.service, target.db, target.username, target.password) == (
+        "orders",
+        2,
+        "u",
+        "p@ss",
+    )
+    assert target.sentinel_password == "s"
+    assert "p@ss" not in repr(bus) and "p%40ss" not in repr(bus)

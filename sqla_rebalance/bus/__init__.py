@@ -9,8 +9,9 @@ secret can then act on every pool of the fleet at once::
                         pool="orders", spread=60, secret=os.environ["SQLA_REBALANCE_SECRET"])
     result = wait_for("redis://redis.internal:6379/0", sent.generation, pool="orders")
 
-Transports, chosen by URL scheme: ``redis://``/``rediss://`` (redis-py),
-``postgresql://`` (psycopg; ``LISTEN``/``NOTIFY``) and ``sqlite:///path``
+Transports, chosen by URL scheme: ``redis://``/``rediss://`` (redis-py;
+``redis+sentinel://`` through Redis Sentinel), ``postgresql://`` (psycopg;
+``LISTEN``/``NOTIFY``, or polling with ``mode=poll``) and ``sqlite:///path``
 (an embedded bus polling a file, no server). A ``channel=NAME`` query
 parameter separates independent fleets on one server.
 """
@@ -95,7 +96,7 @@ def open_bus(bus: str | Bus, channel: str | None = None) -> Bus:
     channel = _check_channel(url_channel)
     scheme = url.split("://", 1)[0].lower()
     try:
-        if scheme in ("redis", "rediss", "unix"):
+        if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
             from .redis_bus import RedisBus
 
             return RedisBus(url, channel)
@@ -117,7 +118,7 @@ def open_bus(bus: str | Bus, channel: str | None = None) -> Bus:
         raise ConfigurationError(f"broadcast={redact(bus)}: {err}") from err
     raise ConfigurationError(
         f"broadcast: unknown bus scheme {scheme!r} in {redact(bus)} "
-        "(use redis://, rediss://, postgresql:// or sqlite:///path)"
+        "(use redis://, rediss://, redis+sentinel://, postgresql:// or sqlite:///path)"
     )
 
 

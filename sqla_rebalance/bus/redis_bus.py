@@ -1,4 +1,10 @@
-"""The Redis bus (``redis://`` and ``rediss://`` URLs; needs redis-py).
+"""The Redis bus (``redis://``, ``rediss://`` and ``redis+sentinel://`` URLs; needs redis-py).
+
+``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]``
+finds the master of ``SERVICE`` through Redis Sentinel (the password is the
+master's; ``sentinel_password=`` for the sentinels), asked again at each
+connect, so that after a failover publishers and listeners reach the new
+master: a listener sees its connection drop and reconnects to it.
 
 Keys, all under the channel name (default ``sqla_rebalance``):
 
@@ -23,11 +29,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.client import PubSub
+from redis.sentinel import Sentinel
 
+from ..errors import ConfigurationError
 from .base import (
     LOG_LENGTH,
     Bus,
@@ -38,6 +48,7 @@ from .base import (
     next_generation,
     publish_ceiling,
     read_ceiling,
+    redact,
 )
 
 __all__ = ["RedisBus"]
@@ -75,8 +86,73 @@ def _stored_generation(bus: RedisBus, value: Any) -> int:
     return int(text)
 
 
+@dataclass(frozen=True)
+class _SentinelTarget:
+    """A ``redis+sentinel://`` URL, parsed."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    ssl: bool
+
+
+def _sentinel_target(url: str) -> _SentinelTarget:
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    path, _, query = tail.partition("?")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = port, "26379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"{redact(url)}: each sentinel must be host:port, got {item.strip()!r}"
+            )
+        sentinels.append((host, int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ConfigurationError(
+            f"{redact(url)}: a Sentinel bus URL is redis+sentinel://host:port[,host:port...]"
+            "/SERVICE[/DB]"
+        )
+    options = dict(parse_qsl(query))
+    unknown = set(options) - {"sentinel_password"}
+    if unknown:
+        raise ConfigurationError(
+            f"{redact(url)}: unknown parameter(s) {', '.join(sorted(unknown))} "
+            "(a Sentinel bus URL takes channel= and sentinel_password=)"
+        )
+    return _SentinelTarget(
+        sentinels=sentinels,
+        service=unquote(parts[0]),
+        db=int(parts[1]) if len(parts) == 2 else 0,
+        username=username,
+        password=password,
+        sentinel_password=options.get("sentinel_password"),
+        ssl=scheme.lower().startswith("rediss"),
+    )
+
+
 class RedisBus(Bus):
-    schemes = ("redis", "rediss", "unix")
+    schemes = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+    def __init__(self, url: str, channel: str = "sqla_rebalance") -> None:
+        super().__init__(url, channel)
+        #: The Sentinel set-up of a ``redis+sentinel://`` URL (None: a plain URL).
+        self.sentinel = (
+            _sentinel_target(url) if url.lower().startswith(("redis+", "rediss+")) else None
+        )
 
     def _keys(self) -> tuple[str, str, str]:
         c = self.channel
@@ -84,14 +160,35 @@ class RedisBus(Bus):
 
     def client(self) -> redis.Redis:
         """A new client (connections are made lazily, one pool per client)."""
-        return redis.Redis.from_url(
-            self.url,
+        options: dict[str, Any] = {
+            "socket_connect_timeout": _CONNECT_TIMEOUT,
+            "socket_timeout": _SOCKET_TIMEOUT,
+            "socket_keepalive": True,
+            "health_check_interval": _HEALTH_CHECK_INTERVAL,
+            "client_name": "sqla-rebalance",
+        }
+        target = self.sentinel
+        if target is None:
+            return redis.Redis.from_url(self.url, **options)
+        sentinel = Sentinel(
+            target.sentinels,
+            sentinel_kwargs={
+                "socket_connect_timeout": _CONNECT_TIMEOUT,
+                "socket_timeout": _SOCKET_TIMEOUT,
+                "password": target.sentinel_password,
+            },
             socket_connect_timeout=_CONNECT_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
-            socket_keepalive=True,
-            health_check_interval=_HEALTH_CHECK_INTERVAL,
-            client_name="sqla-rebalance",
         )
+        # The master is looked up again at each (re)connect of this client.
+        master: redis.Redis = sentinel.master_for(
+            target.service,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            ssl=target.ssl,
+            **options,
+        )
+        return master
 
     def publish(self, build: Callable[[int], bytes]) -> tuple[int, int | None]:
         gen_key, log_key, channel = self._keys()

@@ -34,7 +34,9 @@ interrupted):
     ``n`` independent MariaDB servers on 127.0.0.12, 127.0.0.13, ...; user ``app`` (password
     ``app``, all privileges, from any host) and a database ``app``.
 ``RedisServer`` (``redis``; module ``redis``)
-    one Redis on 127.0.0.1, without persistence.
+    one Redis on 127.0.0.1, without persistence (a replica with
+    ``settings={"replicaof": "127.0.0.1 PORT"}``); ``RedisSentinel`` watches one and
+    fails over to a replica within seconds.
 ``DnsServer`` (``dns``; module ``dns``)
     one dnsmasq on 127.0.0.1, authoritative for ``*.test``, answering from a hosts file that
     :meth:`DnsServer.set` rewrites (and waits until the new records are served).
@@ -89,7 +91,7 @@ from .postgres import (
     PostgresServer,
     find_pg_bindir,
 )
-from .redis import REDIS_PORT_ENV, RedisServer
+from .redis import REDIS_PORT_ENV, RedisSentinel, RedisServer
 
 __all__ = [
     "APP_DATABASE",
@@ -112,6 +114,7 @@ __all__ = [
     "PostgresCluster",
     "PostgresReplicaPair",
     "PostgresServer",
+    "RedisSentinel",
     "RedisServer",
     "default_parent_dir",
     "find_free_port",

@@ -71,3 +71,67 @@ class RedisServer(_StandaloneServer):
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+
+class RedisSentinel(_StandaloneServer):
+    """One Redis Sentinel on ``127.0.0.1:PORT`` watching ``master`` as ``service``.
+
+    Quorum 1 and short timeouts (down after 1 s, failover timeout 3 s), so that a
+    test sees a failover within seconds: stop the master, and the sentinel promotes
+    a replica (a :class:`RedisServer` started with ``settings={"replicaof": ...}``).
+    """
+
+    kind = "Redis Sentinel"
+    port_env = ""
+    dir_prefix = "sqla-rebalance-sentinel-"
+
+    def __init__(
+        self,
+        master: RedisServer,
+        service: str = "mymaster",
+        port: int | None = None,
+        *,
+        host: str = LOCALHOST,
+        directory: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(host, port, directory)
+        self.master = master
+        self.service = service
+
+    @property
+    def logfile(self) -> Path:
+        return self.directory / "sentinel.log"
+
+    def url(self, db: int = 0) -> str:
+        """``redis+sentinel://127.0.0.1:PORT/SERVICE/0``"""
+        return f"redis+sentinel://{self.host}:{self.port}/{self.service}/{db}"
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<RedisSentinel {self.address} {self.service} {state}>"
+
+    def _launch(self) -> None:
+        account = _redis_account()
+        config = self.directory / "sentinel.conf"
+        # Sentinel rewrites its configuration file: it must be its own, and writable.
+        config.write_text(
+            f"bind {self.host}\nport {self.port}\ndir {self.directory}\n"
+            f"sentinel monitor {self.service} {self.master.host} {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel failover-timeout {self.service} 3000\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        _chown(account, self.directory)
+        _chown(account, config)
+        argv = [str(find_program("redis-server", "redis-server")), str(config), "--sentinel"]
+        argv += ["--daemonize", "no", "--logfile", ""]
+        self._spawn(argv, cwd=self.directory, account=account)
+
+    def _ready(self) -> bool:
+        """True once the sentinel answers PING."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False

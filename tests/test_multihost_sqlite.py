@@ -81,7 +81,7 @@ def test_a_refusing_host_is_skipped_within_the_checkout(make, files, tmp_path, m
     assert "unable to open" in stats.hosts[bad].last_error
     assert sorted(h.open for h in stats.hosts.values()) == [0, 3, 3]
     # The health check probes it (outside the pool) and confirms: down.
-    engine.pool._check_hosts(time.time() + 60)
+    engine.pool._maintenance.checks.run_due(time.time() + 60)
     wait_for(lambda: engine.pool.stats().hosts[bad].health == "down")
     stats = engine.pool.stats()
     assert (stats.hosts[bad].health, stats.hosts[bad].failures) == ("down", 2)
@@ -95,7 +95,7 @@ def test_host_events_go_to_the_pools_own_logger(make, files, tmp_path, caplog):
     bad = str(tmp_path / "missing-dir" / "x.db")
     engine = make(hosts=[bad, *files[:2]], unhealthy_threshold=1, pool_logging_name="orders")
     with caplog.at_level(logging.INFO, logger="sqlalchemy.pool"):
-        fill(engine, 2)
+        fill(engine, 3)  # least connections: the third connect at the latest tries `bad`
         wait_for(lambda: engine.pool.stats().hosts[bad].health == "down")
         wait_for(lambda: any(bad in r.getMessage() for r in caplog.records))
     lines = [r for r in caplog.records if bad in r.getMessage()]
@@ -228,9 +228,9 @@ def test_lifetime_replacement_keeps_tied_hosts_even(files, monkeypatch):
         )
         fill(engine, 4)
         pool = engine.pool
-        state = next(s for s in pool._states.values() if s.host == files[0])
+        state = next(s for s in pool._ledger.states.values() if s.host == files[0])
         state.deadline = time.time() - 1
-        pool._maintain()
+        pool._maintenance.maintain()
         assert pool.stats().retirements["lifetime"] == 1
         assert sorted(h.open for h in pool.stats().hosts.values()) == [2, 2]
         engine.dispose()
@@ -255,5 +255,5 @@ def test_a_retire_mark_does_not_outlive_the_connection_it_was_for(files, monkeyp
     new_dbapi = rec.dbapi_connection
     conn.close()
     assert rec.dbapi_connection is new_dbapi
-    assert not pool._retiring
+    assert not pool._ledger.retiring
     engine.dispose()

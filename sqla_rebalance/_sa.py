@@ -8,6 +8,14 @@ enforces our per-connection deadline. Every such access goes through a
 function here, and ``tests/test_sa_compat.py`` checks each one on every
 supported SQLAlchemy release (2.0.x and 2.1.x), so an upstream change fails
 one small test instead of corrupting a pool.
+
+The pool classes themselves override SQLAlchemy's documented pool hooks
+(``_do_return_conn``, ``_invalidate``, ``recreate``, ``dispose``); what else
+they must declare for SQLAlchemy (the asyncio queue and connection dialect,
+the logger name) is set by :func:`pool_class`. Two connect-time hooks are
+installed here too: :func:`wrap_creator` (every connect of a pool) and
+:func:`wrap_dialect_connect` (the last step of an engine's connect, after
+the ``do_connect`` handlers).
 """
 
 from __future__ import annotations
@@ -15,14 +23,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, MutableSequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
     from sqlalchemy.pool.base import _ConnectionRecord
 
 __all__ = [
@@ -30,11 +39,50 @@ __all__ = [
     "create_record",
     "greenlet_spawn",
     "idle_records",
+    "pool_class",
     "queue_locked",
     "record_of",
     "remove_idle",
     "swap_idle",
+    "wrap_creator",
+    "wrap_dialect_connect",
 ]
+
+_P = TypeVar("_P", bound=QueuePool)
+
+
+def pool_class(logger_name: str, *, asyncio: bool = False) -> Callable[[type[_P]], type[_P]]:
+    """Class decorator: what SQLAlchemy reads off a ``QueuePool`` subclass.
+
+    ``logger_name``: the pool logs under this name (``_sqla_logger_namespace``),
+    in SQLAlchemy's ``sqlalchemy.pool`` hierarchy, as its own pools do.
+    ``asyncio``: the class is an asyncio pool, as ``AsyncAdaptedQueuePool`` is
+    (``_is_asyncio``, which ``create_engine`` checks against the dialect; an
+    asyncio-safe queue; the connection dialect a pool made without an engine
+    uses).
+    """
+
+    def declare(cls: type[_P]) -> type[_P]:
+        target: Any = cls
+        target._sqla_logger_namespace = logger_name
+        target._is_asyncio = asyncio
+        if asyncio:
+            target._queue_class = sqla_queue.AsyncAdaptedQueue
+            target._dialect = _AsyncConnDialect()
+        return cls
+
+    return declare
+
+
+def is_asyncio(pool: QueuePool) -> bool:
+    """True for an asyncio pool (its connections belong to one event loop)."""
+    return bool(pool._is_asyncio)
+
+
+def creator(pool: QueuePool) -> Any:
+    """The creator ``pool`` was made with (what ``recreate()`` passes on)."""
+    return pool._creator
+
 
 #: ``QueuePool._do_return_conn`` bound once, so our override calls it without a
 #: ``super()`` lookup on the checkin path.
@@ -115,6 +163,17 @@ def ping_at_first_checkout(rec: ConnectionPoolEntry) -> None:
     cast("_ConnectionRecord", rec).fresh = False
 
 
+def queue_full(pool: QueuePool) -> bool:
+    """Is the idle queue full? Then ``QueuePool`` closes a record checked in
+    (an overflow connection) instead of queueing it."""
+    return bool(pool._pool.full())
+
+
+def fairy_record(connection: object) -> ConnectionPoolEntry | None:
+    """The record behind a pool-proxied DBAPI connection (None once detached)."""
+    return cast("ConnectionPoolEntry | None", getattr(connection, "_connection_record", None))
+
+
 def record_of(conn: object) -> ConnectionPoolEntry:
     """The pool record behind a (async) ``Connection`` or a pool-proxied DBAPI connection."""
     fairy = conn
@@ -124,13 +183,13 @@ def record_of(conn: object) -> ConnectionPoolEntry:
         # A sqlalchemy.engine.Connection: its ``connection`` property is the
         # pool-proxied DBAPI connection (public API).
         fairy = getattr(fairy, "connection", None)
-    rec = getattr(fairy, "_connection_record", None)
+    rec = fairy_record(fairy)
     if rec is None:
         raise TypeError(
             "expected a SQLAlchemy Connection or a pool-proxied DBAPI connection "
             f"checked out from a pool, got {conn!r}"
         )
-    return cast("ConnectionPoolEntry", rec)
+    return rec
 
 
 def pool_of(rec: ConnectionPoolEntry) -> Any:
@@ -214,6 +273,32 @@ def wrap_creator(
 
     pool._invoke_creator = invoke
     return original  # type: ignore[return-value]
+
+
+#: Marks a dialect whose ``connect`` is already wrapped.
+_WRAPPED = "_sqla_rebalance_connect"
+
+
+def wrap_dialect_connect(
+    dialect: Dialect, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> bool:
+    """Route every ``dialect.connect(*cargs, **cparams)`` through ``wrap(original)``,
+    once per dialect; False if it was wrapped already.
+
+    The creator that ``create_engine`` builds runs the ``do_connect`` event
+    handlers and then calls ``dialect.connect(*cargs, **cparams)``, looked up
+    on the dialect instance at each connect. An attribute of the instance is
+    therefore the last step of every connect of that engine, after any
+    user's handler (a rotating IAM token, say), with ``cparams`` that
+    connect's own copy: where a host can be chosen without taking anything
+    from the user. SQLAlchemy has no event there; this is the one place that
+    replaces a dialect method (engines share no dialect instance).
+    """
+    if getattr(dialect, _WRAPPED, False):
+        return False
+    dialect.connect = wrap(dialect.connect)  # type: ignore[method-assign]
+    setattr(dialect, _WRAPPED, True)
+    return True
 
 
 def pool_invalidate(

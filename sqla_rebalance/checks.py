@@ -25,26 +25,42 @@ hung host is *suspect* after one timeout and *down* after
 from __future__ import annotations
 
 import contextlib
-import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _sa, targets
 from .deadlines import Deadline, abandon
 from .hosts import UP, Changes, Host, HostSet
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
-    from .pool import RebalancingQueuePool
+    from .background import Background
+    from .ledger import Ledger
+    from .steering import Steering
 
-__all__ = ["HostChecks"]
+__all__ = ["HostChecks", "abandon_if_unhealthy"]
 
 
 class HostChecks:
-    """The health checks of one pool, and the ones in flight."""
+    """The health checks of one pool, and the ones in flight.
 
-    def __init__(self, pool: RebalancingQueuePool) -> None:
-        self._pool = weakref.ref(pool)
+    Given at construction what it works with: the pool's steering (hosts,
+    role query, probes, deadlines), its ledger (idle connections to ping),
+    its background (where a check runs), and ``apply``, which turns the
+    changes a check found into signals and a rebalance (``Maintenance.apply_changes``).
+    """
+
+    def __init__(
+        self,
+        steering: Steering,
+        ledger: Ledger,
+        background: Background,
+        apply: Callable[[Changes], None],
+    ) -> None:
+        self._steering = steering
+        self._ledger = ledger
+        self._background = background
+        self._apply = apply
         #: Checks running now, by host key.
         self.inflight: dict[str, Deadline] = {}
 
@@ -58,64 +74,48 @@ class HostChecks:
 
     # -- the pass's part: start what is due (never waits) --------------------------
     def run_due(self, now: float) -> None:
-        pool = self._pool()
-        hostset = pool._hostset if pool is not None else None
-        if pool is None or hostset is None:
+        steering = self._steering
+        hostset = steering.hostset
+        if hostset is None:
             return
         # With one host and any role there is nothing to choose between:
         # periodic checks would only cost queries.
-        periodic = len(hostset) > 1 or pool._config.target_role != "any"
+        periodic = len(hostset) > 1 or steering.config.target_role != "any"
         for host in hostset.due_checks(now):
             if host.key in self.inflight:
                 continue
             if host.health != UP or not hostset.role_fits(host):
                 # Failed, or of a role this pool does not use: a connect probe.
-                self._start(pool, hostset, host, now, None)
+                self._start(hostset, host, now, None)
             elif not periodic:
                 hostset.checked(host, now)
             else:
-                rec = self._idle_record(pool, host)
-                if rec is not None or self._in_use_on(pool, host):
+                rec = self._idle_record(host)
+                if rec is not None or self._ledger.in_use_on(host.key):
                     # Every connection to it busy: a probe, or a hung host
                     # would go unnoticed for as long as they stay busy.
-                    self._start(pool, hostset, host, now, rec)
+                    self._start(hostset, host, now, rec)
                 else:
                     # No connection there at all: nothing to protect, and a
                     # connect to it is watched (and fails over) anyway.
                     hostset.checked(host, now)
 
-    def _idle_record(self, pool: RebalancingQueuePool, host: Host) -> ConnectionPoolEntry | None:
+    def _idle_record(self, host: Host) -> ConnectionPoolEntry | None:
         """One idle connection to ``host``, taken out of the idle queue (or None)."""
-        if pool._adapter is None or pool._adapter.standby_sql is None:
+        adapter = self._steering.adapter
+        if adapter is None or adapter.standby_sql is None:
             return None
-        for rec in _sa.idle_records(pool):
-            state = pool._states.get(rec)
-            if (
-                state is not None
-                and state.host == host.key
-                and not state.pinned
-                and rec.dbapi_connection is state.dbapi
-                and _sa.remove_idle(pool, rec)
-            ):
-                return rec
-        return None
-
-    @staticmethod
-    def _in_use_on(pool: RebalancingQueuePool, host: Host) -> bool:
-        return any(
-            state.host == host.key and rec.in_use and not state.closed
-            for rec, state in list(pool._states.items())
-        )
+        return self._ledger.take_idle(host.key)
 
     def _start(
         self,
-        pool: RebalancingQueuePool,
         hostset: HostSet,
         host: Host,
         now: float,
         rec: ConnectionPoolEntry | None,
     ) -> None:
-        timeout = pool._config.health_check_timeout
+        steering = self._steering
+        timeout = steering.config.health_check_timeout
         # Not due again while it runs: its result (or its deadline) reschedules it.
         hostset.checking(host, now + timeout)
 
@@ -125,69 +125,67 @@ class HostChecks:
             else:
                 self._ping(host, rec)
 
-        pool.logger.debug(
+        steering.log.debug(
             "pool %s: %s of %s (%s)",
-            pool.pool_name,
+            steering.pool_name,
             "probe" if rec is None else "ping",
             host.key,
             host.health,
         )
-        if not pool._spawn(f"check:{host.key}", job) and rec is not None:
-            pool._return_idle(rec)  # a check of this host is still running
+        if not self._background.spawn(f"check:{host.key}", job) and rec is not None:
+            self._return_idle(rec)  # a check of this host is still running
+
+    def _return_idle(self, rec: ConnectionPoolEntry) -> None:
+        self._ledger.return_idle(rec, self._steering.hostset)
 
     # -- the jobs (the pool's own threads, or its event loop) ------------------------
     def _ping(self, host: Host, rec: ConnectionPoolEntry) -> None:
-        pool = self._pool()
-        if pool is None:
-            return
-        hostset, adapter = pool._hostset, pool._adapter
+        steering = self._steering
+        hostset, adapter = steering.hostset, steering.adapter
         dbapi = rec.dbapi_connection
         if hostset is None or adapter is None or dbapi is None:
-            pool._return_idle(rec)
+            self._return_idle(rec)
             return
-        deadline = self._watch(pool, "health check", host.key, dbapi)
+        deadline = self._watch("health check", host.key, dbapi)
         try:
-            role = pool._ask_role(host.key, dbapi)
+            role = steering.ask_role(host.key, dbapi)
         except Exception as err:
             self._done(deadline)
             # Broken (or abandoned after its deadline): closed here; the pass
             # reconnects its slot in the background.
             rec.invalidate(err)
-            pool._return_idle(rec)
+            self._return_idle(rec)
             changes = Changes() if deadline.expired else hostset.failed(host.key, err)
         else:
             self._done(deadline)
-            pool.logger.debug(
-                "pool %s: ping of %s answered in %.3fs", pool.pool_name, host.key, deadline.age()
+            steering.log.debug(
+                "pool %s: ping of %s answered in %.3fs",
+                steering.pool_name,
+                host.key,
+                deadline.age(),
             )
-            pool._return_idle(rec)
+            self._return_idle(rec)
             changes = hostset.succeeded(host.key, role)
-        pool._apply_changes(changes)
+        self._apply(changes)
 
     def _probe(self, host: Host) -> None:
         """Connect to ``host`` outside the pool, ask its role, close again."""
-        pool = self._pool()
-        if pool is None:
-            return
-        hostset = pool._hostset
+        steering = self._steering
+        hostset = steering.hostset
         if hostset is None:
             return
-        timeout = pool._config.health_check_timeout
-        deadline = self._watch(pool, "probe", host.key, None)
+        config = steering.config
+        deadline = self._watch("probe", host.key, None)
         # The driver's own connect timeout, unless the user set one: the
         # deadline has counted the failures by then; this only ends the wait.
-        target = targets.Target(host, timeout=max(1.0, timeout, pool._config.connect_deadline))
+        timeout = max(1.0, config.health_check_timeout, config.connect_deadline)
         conn: Any = None
         try:
-            token = targets.current_target().set(target)
-            try:
-                conn = pool._invoke_original(None)
-            finally:
-                targets.current_target().reset(token)
+            conn = steering.probe(host, timeout)
             deadline.conn = conn  # the role query is watched too
-            role = pool._ask_role(host.key, conn)
+            role = steering.ask_role(host.key, conn)
         except Exception as err:
-            pool.logger.debug("pool %s: probe of %s failed: %s", pool.pool_name, host.key, err)
+            steering.log.debug("pool %s: probe of %s failed: %s", steering.pool_name, host.key, err)
             changes = Changes() if deadline.expired else hostset.failed(host.key, err)
         else:
             changes = hostset.succeeded(host.key, role)
@@ -196,10 +194,10 @@ class HostChecks:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
-        pool._apply_changes(changes)
+        self._apply(changes)
 
-    def _watch(self, pool: RebalancingQueuePool, what: str, key: str, conn: Any) -> Deadline:
-        deadline = pool._watch(what, key, conn)  # the pool's one way to watch an operation
+    def _watch(self, what: str, key: str, conn: Any) -> Deadline:
+        deadline = self._steering.watch(what, key, conn)  # the pool's one way to watch
         self.inflight[key] = deadline
         return deadline
 

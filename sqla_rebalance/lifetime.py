@@ -1,4 +1,5 @@
-"""Per-connection lifetime: the jittered deadline and the state we keep per connection."""
+"""Per-connection lifetime: the jittered deadline, when to replace each connection, and
+the state kept per connection (its writers and rules are in ``ledger.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .stats import LIFETIME
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
-    from .pool import RebalancingQueuePool
+    from .ledger import Ledger
 
 __all__ = [
     "ConnState",
@@ -84,18 +85,10 @@ _serials = itertools.count(1)
 class ConnState:
     """What the pool knows of one open DBAPI connection.
 
-    Lives in ``record.info[INFO_KEY]`` and in the pool's table of open
-    connections. Its writers, none of which takes a lock (each field has one
-    kind of writer, or writers whose order does not matter):
-
-    - the connecting thread creates it (a checkout's, or one of the pool's);
-    - the maintenance pass: ``idle_since``, and ``retire_at``/``retire_reason``;
-    - ``recycle()``/``rebalance()`` from any thread (the application's, the bus
-      listener's): ``retire_at``/``retire_reason``, only ever moved earlier;
-    - ``pin``/``unpin`` (the thread holding the connection): ``pinned``;
-    - the pool's ``close`` and ``detach`` event handlers, in whichever thread
-      closes the connection: ``closed``, ``reason``, and ``dbapi`` set to None
-      so that a closed connection is not kept alive by its record's ``info``.
+    Lives in ``record.info[INFO_KEY]`` and in the pool's ledger of open
+    connections. No lock guards it: which thread writes which field, and in
+    which order, is set out in ``ledger.py`` with the rules that keep a
+    connection in use from ever being closed.
     """
 
     __slots__ = (
@@ -106,8 +99,8 @@ class ConnState:
         "deadline",
         "host",
         "idle_since",
+        "ledger_ref",
         "pinned",
-        "pool_ref",
         "reason",
         "retire_at",
         "retire_reason",
@@ -116,16 +109,17 @@ class ConnState:
 
     def __init__(
         self,
-        pool: RebalancingQueuePool,
+        ledger: Ledger,
         dbapi: Any,
         host: str,
         connected_at: float,
         deadline: float | None,
     ) -> None:
-        self.pool_ref: weakref.ref[RebalancingQueuePool] = weakref.ref(pool)
-        #: The DBAPI connection; None once it is closed.
+        #: The ledger of the pool that opened it (weak: a record may outlive its pool).
+        self.ledger_ref: weakref.ref[Ledger] = weakref.ref(ledger)
         #: Numbers the connections of this process (``connection_id`` in signals).
         self.serial = next(_serials)
+        #: The DBAPI connection; None once it is closed.
         self.dbapi = dbapi
         self.host = host
         self.connected_at = connected_at

@@ -4,19 +4,25 @@ A connection holding an advisory lock, a ``LISTEN``, temporary tables or
 ``SET`` session settings must not be silently replaced. ``pin()`` exempts it
 from lifetime replacement, ``recycle()`` and rebalancing until ``unpin()``;
 an error that invalidates it still closes it (a broken connection is not
-worth keeping).
+worth keeping). How a pin and the maintenance pass stay out of each other's
+way without a lock is rule 3 of ``ledger.py``.
 """
 
 from __future__ import annotations
 
-from . import _sa
+from typing import TYPE_CHECKING
+
+from . import _sa, ledger
 from .errors import NotPooledError
 from .lifetime import ConnState, state_of
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = ["is_pinned", "pin", "unpin"]
 
 
-def _state(conn: object) -> tuple[object, ConnState]:
+def _state(conn: object) -> tuple[ConnectionPoolEntry, ConnState]:
     try:
         rec = _sa.record_of(conn)
     except TypeError as err:
@@ -32,23 +38,13 @@ def _state(conn: object) -> tuple[object, ConnState]:
 
 def pin(conn: object) -> None:
     """Exempt ``conn`` (a ``Connection`` or pool-proxied DBAPI connection) from recycling."""
-    rec, state = _state(conn)
-    state.pinned = True
-    pool = state.pool_ref()
-    if pool is not None:
-        pool._doomed.pop(rec, None)  # type: ignore[call-overload]
-        pool._shield(rec)  # type: ignore[arg-type]
+    ledger.pin(*_state(conn))
 
 
 def unpin(conn: object) -> None:
     """Make ``conn`` subject to recycling again; if it is past its deadline it is
     retired at its next checkin (or replaced, if idle)."""
-    rec, state = _state(conn)
-    state.pinned = False
-    pool = state.pool_ref()
-    if pool is not None:
-        pool._restore_deadline(rec, state)  # type: ignore[arg-type]
-        pool._request_pass()
+    ledger.unpin(*_state(conn))
 
 
 def is_pinned(conn: object) -> bool:

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    from .config import PoolConfig
+    from .hosts import HostSet
+    from .lifetime import ConnState
 
 __all__ = [
     "RETIREMENT_REASONS",
@@ -12,6 +20,7 @@ __all__ = [
     "Counters",
     "HostStats",
     "PoolStats",
+    "collect",
 ]
 
 # Why a connection was closed by the pool. The first eight are the reasons of
@@ -181,3 +190,93 @@ class PoolStats:
     def as_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable data."""
         return asdict(self)
+
+
+def collect(
+    config: PoolConfig,
+    counters: Counters,
+    states: Iterable[tuple[ConnectionPoolEntry, ConnState]],
+    idle: Iterable[ConnectionPoolEntry],
+    *,
+    spares: int,
+    retiring: int,
+    hostset: HostSet | None,
+    check_in_flight: Callable[[str], float | None],
+    bus: BusStats,
+) -> PoolStats:
+    """The snapshot of one pool: its open connections (``states``), those of
+    them in the idle queue (``idle``), and what it knows of its hosts."""
+    idle_ids = {id(r) for r in idle}
+    per_host: dict[str, dict[str, int]] = {}
+    pinned = 0
+    for rec, state in states:
+        if state.closed or rec.dbapi_connection is None:
+            continue
+        h = per_host.setdefault(state.host, {"open": 0, "idle": 0, "in_use": 0})
+        h["open"] += 1
+        if rec.in_use:
+            h["in_use"] += 1
+        elif id(rec) in idle_ids:
+            h["idle"] += 1
+        pinned += state.pinned
+    c = counters
+    return PoolStats(
+        pool_name=config.pool_name,
+        pool_size=config.pool_size,
+        max_overflow=config.max_overflow,
+        recycle=config.recycle,
+        recycle_jitter=config.recycle_jitter,
+        min_size=config.min_size,
+        max_idle=config.max_idle,
+        open=sum(h["open"] for h in per_host.values()),
+        idle=sum(h["idle"] for h in per_host.values()),
+        in_use=sum(h["in_use"] for h in per_host.values()),
+        pinned=pinned,
+        # Spares count as open (they are connected) but neither idle nor in use.
+        spares=spares,
+        retiring=retiring,
+        connects=c.connects,
+        connect_failures=c.connect_failures,
+        checkouts_waited=c.connects - c.connects_background,
+        retirements=dict(c.retirements),
+        hosts=_host_stats(per_host, hostset, check_in_flight),
+        bus=bus,
+    )
+
+
+def _host_stats(
+    per_host: dict[str, dict[str, int]],
+    hostset: HostSet | None,
+    check_in_flight: Callable[[str], float | None],
+) -> dict[str, HostStats]:
+    out: dict[str, HostStats] = {}
+    known = hostset.hosts() if hostset is not None else []
+    for host in known:
+        h = per_host.get(host.key, {})
+        out[host.key] = HostStats(
+            host=host.key,
+            open=h.get("open", 0),
+            idle=h.get("idle", 0),
+            in_use=h.get("in_use", 0),
+            healthy=host.healthy,
+            role=host.role,
+            tier=host.tier,
+            failures=host.total_failures,
+            name=host.name,
+            address=host.address,
+            health=host.health,
+            last_error=host.last_error,
+            reason=host.failure_reason,
+            check_in_flight=check_in_flight(host.key),
+        )
+    for key, h in per_host.items():
+        if key not in out:  # unmanaged, or removed from the host set
+            out[key] = HostStats(
+                host=key,
+                open=h["open"],
+                idle=h["idle"],
+                in_use=h["in_use"],
+                health="removed" if hostset is not None else "up",
+                healthy=hostset is None,
+            )
+    return out

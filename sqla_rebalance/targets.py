@@ -2,7 +2,8 @@
 
 The pool decides *which* host a new connection goes to; this module makes the
 driver go there. It wraps the engine's ``dialect.connect(*cargs, **cparams)``
-(the last step of SQLAlchemy's creator, after every ``do_connect`` handler):
+(the last step of SQLAlchemy's creator, after every ``do_connect`` handler,
+through ``_sa.wrap_dialect_connect``, the one place that replaces it):
 there ``cparams`` is this connect's own copy, so concurrent connects to
 different hosts cannot see each other's choice, and a user's ``do_connect``
 handler (a rotating IAM token, say) keeps working unchanged.
@@ -34,15 +35,13 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from . import _sa
 from .hosts import PRIMARY, STANDBY, Host, HostSpec, parse_hosts
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
 
-__all__ = ["Adapter", "Target", "adapter_for", "current_target", "install"]
-
-#: Marks a dialect whose ``connect`` is already wrapped.
-_WRAPPED = "_sqla_rebalance_connect"
+__all__ = ["Adapter", "Target", "adapter_for", "current_target", "describe", "install"]
 
 
 class Target:
@@ -77,28 +76,42 @@ def current_target() -> ContextVar[Target | None]:
 
 
 def install(dialect: Dialect) -> None:
-    """Wrap ``dialect.connect`` once (engines share nothing: one dialect per engine)."""
-    if getattr(dialect, _WRAPPED, False):
-        return
-    original = dialect.connect
+    """Point every connect of ``dialect`` at the host its :class:`Target` names
+    (the dialect's ``connect`` is wrapped once, by ``_sa.wrap_dialect_connect``)."""
     adapter = adapter_for(dialect)
 
-    def connect(*cargs: Any, **cparams: Any) -> Any:
-        target = _current.get()
-        if target is None:
-            return original(*cargs, **cparams)
-        target.applied = True
-        if target.seed is not None:
-            target.host = target.seed(adapter, cargs, cparams)
-            target.seed = None
-        host = target.host
-        if host is None:  # hosts not managed (a Unix socket, hostaddr given...)
-            return original(*cargs, **cparams)
-        cargs, cparams = adapter.point(cargs, dict(cparams), host, target.timeout)
-        return adapter.open(original, cargs, cparams, host)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def connect(*cargs: Any, **cparams: Any) -> Any:
+            target = _current.get()
+            if target is None:
+                return original(*cargs, **cparams)
+            target.applied = True
+            if target.seed is not None:
+                target.host = target.seed(adapter, cargs, cparams)
+                target.seed = None
+            host = target.host
+            if host is None:  # hosts not managed (a Unix socket, hostaddr given...)
+                return original(*cargs, **cparams)
+            cargs, cparams = adapter.point(cargs, dict(cparams), host, target.timeout)
+            return adapter.open(original, cargs, cparams, host)
 
-    dialect.connect = connect  # type: ignore[method-assign]
-    setattr(dialect, _WRAPPED, True)
+        return connect
+
+    _sa.wrap_dialect_connect(dialect, wrap)
+
+
+def describe(dbapi_connection: Any) -> str:
+    """``host:port`` of a connection the pool did not steer, as its driver reports it."""
+    drv = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    info = getattr(drv, "info", None)  # psycopg
+    host = getattr(info, "host", None)
+    port = getattr(info, "port", None)
+    if host is None:  # pymysql, mysqlclient
+        host = getattr(drv, "host", None)
+        port = getattr(drv, "port", None)
+    if not host or not isinstance(host, str):
+        return "local"
+    return f"{host}:{port}" if port else host
 
 
 class Adapter:

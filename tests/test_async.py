@@ -47,12 +47,12 @@ def test_replacement_and_checkin_retirement_in_the_loop(tmp_path, monkeypatch):
         held = await engine.connect()
         await held.execute(text("select 1"))
         clock.advance(100)
-        await greenlet_spawn(pool._maintain)  # one idle replaced, one in use marked
+        await greenlet_spawn(pool._maintenance.maintain)  # one idle replaced, one in use marked
         assert pool.stats().retirements["lifetime"] == 1
         assert len(pool._doomed) == 1
-        assert len(pool._spares) == 1
+        assert len(pool._ledger.spares) == 1
         await held.close()  # checkin swaps the spare in
-        await greenlet_spawn(pool._maintain)
+        await greenlet_spawn(pool._maintenance.maintain)
         stats = pool.stats()
         assert stats.retirements["lifetime"] == 2
         assert stats.idle == 2

@@ -253,7 +253,7 @@ def test_no_secret_warns_at_start_up(tmp_path, monkeypatch):
             poolclass=RebalancingQueuePool,
             broadcast=f"sqlite:///{tmp_path}/b.db",
         )
-    assert engine.pool._bus_secret == b"from-env"
+    assert engine.pool._wiring.secret == b"from-env"
     engine.dispose()
 
 
@@ -265,7 +265,7 @@ def test_dispose_keeps_the_bus_settings_and_listens_again(make, bus):
     assert new is not old
     assert new.config.broadcast == bus
     assert new.config.min_recycle_interval == 3
-    assert new._bus_secret == SECRET.encode()
+    assert new._wiring.secret == SECRET.encode()
     with engine.connect():
         pass
     poll(lambda: new.listener is not None and new.listener.connected)

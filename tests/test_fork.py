@@ -26,14 +26,15 @@ def test_child_restarts_worker_lazily_and_leaves_parent_connections_alone(tmp_pa
     )
     pool = engine.pool
     wait_for(lambda: pool.checkedin() == 2)
-    parent_conns = {id(r.dbapi_connection) for r in pool._states}
+    parent_conns = {id(r.dbapi_connection) for r in pool._ledger.states}
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: report, then exit without running pytest's teardown
         code = 1
         try:
             ok = get_worker().thread is None  # no thread inherited
-            ok &= pool._states == {} and pool._spares == []  # parent's connections forgotten
+            # The parent's connections forgotten.
+            ok &= pool._ledger.states == {} and pool._ledger.spares == []
             # The parent's idle connections keep their slots but not their sockets.
             ok &= all(r.dbapi_connection is None for r in pool._pool.queue)
             pool.recycle()  # must not touch them either
@@ -50,7 +51,7 @@ def test_child_restarts_worker_lazily_and_leaves_parent_connections_alone(tmp_pa
     assert os.read(read, 10) == b"ok"
     assert os.waitstatus_to_exitcode(status) == 0
     # The parent's pool still has its own two connections, untouched.
-    assert {id(r.dbapi_connection) for r in pool._states} == parent_conns
+    assert {id(r.dbapi_connection) for r in pool._ledger.states} == parent_conns
     with engine.connect() as conn:
         assert conn.execute(text("select 1")).scalar() == 1
     engine.dispose()

@@ -268,7 +268,7 @@ def test_in_use_connections_are_never_moved_while_in_use(engines, pg_cluster):
 def test_a_disconnect_on_one_host_leaves_the_others_alone(engines, pg_cluster):
     engine = engines(pool_size=8)
     fill(engine, 8)
-    before = {r.dbapi_connection for r in engine.pool._states}
+    before = {r.dbapi_connection for r in engine.pool._ledger.states}
     victim_key = pg_cluster.hosts[0]
     # Kill one backend of one host: SQLAlchemy's pool-wide invalidation would
     # reconnect all eight connections; only that host's are replaced here.
@@ -288,7 +288,7 @@ def test_a_disconnect_on_one_host_leaves_the_others_alone(engines, pg_cluster):
         victim.execute(text("select 1"))
     victim.close()
     fill(engine, 8)
-    after = {r.dbapi_connection for r in engine.pool._states}
+    after = {r.dbapi_connection for r in engine.pool._ledger.states}
     kept = before & after
     others = sum(1 for _ in before) - 2  # victim host had 2 of 8
     assert len(kept) >= others

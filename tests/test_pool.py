@@ -57,7 +57,7 @@ def open_n(pool, n):
 def dbapi_ids(pool):
     """The pool's open DBAPI connections, as objects: kept alive by the caller's set, so
     that a closed one's ``id()`` cannot be reused by a new one."""
-    return {r.dbapi_connection for r in pool._states}
+    return {r.dbapi_connection for r in pool._ledger.states}
 
 
 def test_lifetimes_are_drawn_in_range():
@@ -92,12 +92,12 @@ def test_replacements_are_scheduled_backwards_so_a_serial_worker_is_never_late()
 def test_each_connection_gets_its_own_deadline_below_recycle(clock, engine_factory):
     pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
     open_n(pool, 5)
-    states = list(pool._states.values())
+    states = list(pool._ledger.states.values())
     deadlines = {s.deadline - s.connected_at for s in states}
     assert len(deadlines) == 5
     assert all(R * 0.5 <= d <= R for d in deadlines)
     # SQLAlchemy's own check (now - starttime > recycle) fires at our deadline.
-    for rec, state in pool._states.items():
+    for rec, state in pool._ledger.states.items():
         assert rec.starttime + R == pytest.approx(state.deadline)
 
 
@@ -105,16 +105,16 @@ def test_idle_connections_are_replaced_before_their_deadline(clock, engine_facto
     pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
     open_n(pool, 5)
     first = dbapi_ids(pool)
-    starts = pool._schedule()
-    deadlines = {rec: s.deadline for rec, s in pool._states.items()}
-    assert all(starts[rec] < deadlines[rec] - pool._lead for rec in deadlines)
+    starts = pool._maintenance.schedule()
+    deadlines = {rec: s.deadline for rec, s in pool._ledger.states.items()}
+    assert all(starts[rec] < deadlines[rec] - pool._maintenance.lead for rec in deadlines)
 
     clock.now = min(starts.values()) - 0.001
-    pool._maintain()
+    pool._maintenance.maintain()
     assert dbapi_ids(pool) == first  # nothing due yet
 
     clock.now = max(starts.values())
-    pool._maintain()
+    pool._maintenance.maintain()
     assert dbapi_ids(pool).isdisjoint(first)  # every connection replaced...
     stats = pool.stats()
     assert stats.idle == 5 and stats.open == 5
@@ -132,14 +132,14 @@ def test_in_use_connection_is_retired_at_checkin_with_a_spare_ready(clock, engin
     rec = conn._connection_record
     old_dbapi = rec.dbapi_connection
     clock.advance(R)
-    pool._maintain()
+    pool._maintenance.maintain()
     # Still open while in use; a spare waits to take its place.
     assert rec.dbapi_connection is old_dbapi
-    assert rec in pool._doomed and len(pool._spares) == 1
+    assert rec in pool._doomed and len(pool._ledger.spares) == 1
     conn.close()  # checkin: the spare goes in, the old one goes to the worker
-    assert pool._spares == [] and len(pool._retiring) == 1
+    assert pool._ledger.spares == [] and len(pool._ledger.retiring) == 1
     assert pool.checkedin() == 1
-    pool._maintain()
+    pool._maintenance.maintain()
     assert rec.dbapi_connection is None  # closed, off the request path
     stats = pool.stats()
     assert stats.retirements["lifetime"] == 1 and stats.open == 1 and stats.idle == 1
@@ -154,7 +154,7 @@ def test_doomed_checkin_without_spare_refills_the_slot(clock, engine_factory):
     pool._doomed[rec] = ("manual", rec.info[INFO_KEY])
     conn.close()
     assert pool.checkedin() == 0  # slot empty until the worker refills it
-    pool._maintain()
+    pool._maintenance.maintain()
     assert pool.checkedin() == 1 and rec.dbapi_connection is None
     assert pool.stats().retirements["manual"] == 1
 
@@ -184,19 +184,19 @@ def test_recycle_is_graceful_and_spread(clock, engine_factory):
     finally:
         signals.recycle_requested.receivers.clear()
     assert received == [{"host": None, "spread": 10.0, "reason": "manual"}]
-    retire_at = sorted(s.retire_at for s in pool._states.values())
+    retire_at = sorted(s.retire_at for s in pool._ledger.states.values())
     assert retire_at[0] >= clock.now and retire_at[-1] <= clock.now + 10
     assert len(set(retire_at)) == 4  # spread, not all at once
 
     clock.advance(10)
-    pool._maintain()
+    pool._maintenance.maintain()
     stats = pool.stats()
     assert stats.retirements["manual"] == 3  # the three idle ones
     # The one in use was not touched: its transaction goes on and commits.
     cursor.execute("insert into t values (2)")
     in_use.commit()
     in_use.close()
-    pool._maintain()
+    pool._maintenance.maintain()
     assert pool.stats().retirements["manual"] == 4
     assert pool.stats().open == 4
 
@@ -231,17 +231,17 @@ def test_pinned_connection_is_exempt_from_every_recycle(clock, engine_factory):
         pool.recycle()
         for _ in range(5):  # far past its deadline, several passes
             clock.advance(R)
-            pool._maintain()
+            pool._maintenance.maintain()
         assert conn.connection.dbapi_connection is dbapi
     # Returned to the pool while pinned: still kept, even through checkouts.
     clock.advance(R)
-    pool._maintain()
+    pool._maintenance.maintain()
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection is dbapi
         sqla_rebalance.unpin(conn)
-    pool._maintain()
+    pool._maintenance.maintain()
     assert pool.stats().retirements["lifetime"] == 1
-    assert all(r.dbapi_connection is not dbapi for r in pool._states)
+    assert all(r.dbapi_connection is not dbapi for r in pool._ledger.states)
 
 
 def test_pin_rejects_foreign_connections(tmp_path):
@@ -255,7 +255,7 @@ def test_pin_rejects_foreign_connections(tmp_path):
 def test_min_size_prefills_in_the_background(clock, engine_factory):
     pool = engine_factory(min_size=3).pool
     assert pool.checkedin() == 0
-    pool._maintain()
+    pool._maintenance.maintain()
     stats = pool.stats()
     assert stats.idle == 3 and stats.checkouts_waited == 0
     open_n(pool, 3)
@@ -265,10 +265,10 @@ def test_min_size_prefills_in_the_background(clock, engine_factory):
 def test_max_idle_closes_unneeded_connections_down_to_min_size(clock, engine_factory):
     pool = engine_factory(min_size=1, max_idle=60).pool
     open_n(pool, 4)
-    pool._maintain()
+    pool._maintenance.maintain()
     for _ in range(7):
         clock.advance(10)
-        pool._maintain()
+        pool._maintenance.maintain()
     stats = pool.stats()
     assert stats.open == 1 and stats.retirements["idle"] == 3
     assert pool.checkedin() + pool.checkedout() == 1
@@ -280,7 +280,7 @@ def test_max_idle_keeps_connections_that_were_needed(clock, engine_factory):
     for _ in range(7):
         clock.advance(10)
         held = [pool.connect() for _ in range(3)]  # all three busy at every pass
-        pool._maintain()
+        pool._maintenance.maintain()
         for c in held:
             c.close()
     assert pool.stats().retirements["idle"] == 0 and pool.stats().open == 3
@@ -294,7 +294,7 @@ def test_invalidated_idle_connections_are_reconnected_in_the_background(clock, e
     pool._invalidate(conn)  # what a disconnect error does: all older ones are stale
     conn.close()
     clock.advance(1)
-    pool._maintain()
+    pool._maintenance.maintain()
     assert pool.stats().retirements["error"] >= 3
     before = pool.stats().connects
     open_n(pool, 3)
@@ -316,7 +316,7 @@ def test_starttime_shift_never_crosses_an_invalidation(clock, engine_factory):
         c.close()
     # One reconnect for the invalidation, then the connection is stable.
     assert pool.stats().connects == 2
-    rec = next(iter(pool._states))
+    rec = next(iter(pool._ledger.states))
     assert rec.starttime > pool._invalidate_time
 
 
@@ -328,7 +328,7 @@ def test_stats_and_signals_report_retirements(clock, engine_factory):
     try:
         open_n(pool, 2)
         clock.advance(R)
-        pool._maintain()
+        pool._maintenance.maintain()
     finally:
         signals.connection_opened.receivers.clear()
         signals.connection_retired.receivers.clear()
@@ -357,10 +357,10 @@ def test_dispose_closes_idle_and_spares_but_not_in_use(clock, engine_factory):
     open_n(pool, 3)
     held = pool.connect()
     clock.advance(R)
-    pool._maintain()
-    assert len(pool._spares) == 1
+    pool._maintenance.maintain()
+    assert len(pool._ledger.spares) == 1
     engine.dispose()
-    assert pool._spares == [] and pool.checkedin() == 0
+    assert pool._ledger.spares == [] and pool.checkedin() == 0
     assert held.dbapi_connection is not None  # in use: untouched
     assert pool.stats().retirements["dispose"] >= 1
     held.close()
@@ -372,9 +372,9 @@ def test_detached_connection_is_no_longer_managed(clock, engine_factory):
     conn = pool.connect()
     dbapi = conn.dbapi_connection
     conn.detach()
-    assert all(s.dbapi is not dbapi for s in pool._states.values())
+    assert all(s.dbapi is not dbapi for s in pool._ledger.states.values())
     clock.advance(R)
-    pool._maintain()
+    pool._maintenance.maintain()
     dbapi.execute("select 1")  # ours to use, never closed by the pool
     conn.close()
     assert pool.stats().retirements["lifetime"] == 0
@@ -385,16 +385,16 @@ def test_marked_connection_checked_in_early_uses_its_spare(clock, engine_factory
     conn = pool.connect()
     rec = conn._connection_record
     clock.advance(R)
-    pool._maintain()  # marked, spare opened
+    pool._maintenance.maintain()  # marked, spare opened
     pool._doomed.pop(rec)  # as if it was checked in just before being marked...
     conn.close()
     pool._doomed[rec] = ("lifetime", rec.info[INFO_KEY])  # ...and marked right after
-    pool._maintain()
+    pool._maintenance.maintain()
     stats = pool.stats()
     assert stats.connects == 2  # the spare took its place; nothing extra opened
     assert stats.retirements["lifetime"] == 1
     assert stats.idle == 1
-    assert pool._spares == []
+    assert pool._ledger.spares == []
 
 
 def test_mark_is_dropped_if_the_connection_was_checked_in_while_its_spare_opened(
@@ -403,20 +403,20 @@ def test_mark_is_dropped_if_the_connection_was_checked_in_while_its_spare_opened
     pool = engine_factory(pool_size=1, max_overflow=3, pool_recycle=R, recycle_jitter=0.0).pool
     a, b = pool.connect(), pool.connect()  # b is an overflow connection
     clock.advance(R)
-    real_open_spare = pool._open_spare
+    real_open_spare = pool._maintenance.open_spare
 
     def open_spare_while_app_checks_in(now, replacing=None):
         a.close()
         b.close()  # QueuePool closes this overflow connection at checkin
         return real_open_spare(now, replacing)
 
-    pool._open_spare = open_spare_while_app_checks_in
-    pool._maintain()
-    pool._open_spare = real_open_spare
+    pool._maintenance.open_spare = open_spare_while_app_checks_in
+    pool._maintenance.maintain()
+    pool._maintenance.open_spare = real_open_spare
     assert pool._doomed == {}  # no stale mark...
     for _ in range(3):
-        pool._maintain()
-    assert pool._spares == []  # ...so no spare held open for nothing
+        pool._maintenance.maintain()
+    assert pool._ledger.spares == []  # ...so no spare held open for nothing
 
 
 def test_connection_pinned_while_its_spare_opened_is_not_retired(clock, engine_factory):
@@ -424,18 +424,18 @@ def test_connection_pinned_while_its_spare_opened_is_not_retired(clock, engine_f
     pool = engine.pool
     conn = engine.connect()
     clock.advance(R)
-    real_open_spare = pool._open_spare
+    real_open_spare = pool._maintenance.open_spare
 
     def open_spare_while_app_pins(now, replacing=None):
         sqla_rebalance.pin(conn)
         return real_open_spare(now, replacing)
 
-    pool._open_spare = open_spare_while_app_pins
-    pool._maintain()
-    pool._open_spare = real_open_spare
+    pool._maintenance.open_spare = open_spare_while_app_pins
+    pool._maintenance.maintain()
+    pool._maintenance.open_spare = real_open_spare
     dbapi = conn.connection.dbapi_connection
     conn.close()
-    pool._maintain()
+    pool._maintenance.maintain()
     assert pool.stats().retirements["lifetime"] == 0
     with engine.connect() as again:
         assert again.connection.dbapi_connection is dbapi
@@ -445,14 +445,14 @@ def test_spare_that_waits_past_its_deadline_is_replaced(clock, engine_factory):
     pool = engine_factory(pool_size=2, pool_recycle=R, recycle_jitter=0.0).pool
     held = pool.connect()  # held for a long time
     clock.advance(R)
-    pool._maintain()
-    first_spare = pool._spares[0]
+    pool._maintenance.maintain()
+    first_spare = pool._ledger.spares[0]
     for _ in range(int(3 * R)):
         clock.advance(1)
-        pool._maintain()
+        pool._maintenance.maintain()
     assert first_spare.dbapi_connection is None  # closed when it came due
-    assert len(pool._spares) == 1
-    assert clock.now - pool._spares[0].info[INFO_KEY].connected_at < R  # a fresh one
+    assert len(pool._ledger.spares) == 1
+    assert clock.now - pool._ledger.spares[0].info[INFO_KEY].connected_at < R  # a fresh one
     held.close()
     before = pool.stats().checkouts_waited
     c = pool.connect()  # before the worker's next pass: gets the fresh spare
@@ -462,14 +462,14 @@ def test_spare_that_waits_past_its_deadline_is_replaced(clock, engine_factory):
 
 def test_poke_during_a_pass_is_not_lost(clock, engine_factory):
     pool = engine_factory().pool
-    real = pool._maintain_pass
+    real = pool._maintenance.maintain_pass
 
     def pass_during_which_a_checkin_pokes(now):
         result = real(now)
-        pool._request_pass()
+        pool._schedule.request()
         return result
 
-    pool._maintain_pass = pass_during_which_a_checkin_pokes
+    pool._maintenance.maintain_pass = pass_during_which_a_checkin_pokes
     pool._run_maintenance()
     assert pool._next_due == 0.0
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 import sqlalchemy
-from sqlalchemy import create_engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy import create_engine, event, exc
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 from sqla_rebalance import _sa
 
@@ -182,3 +182,100 @@ def test_async_queue_internals():
 
 def test_greenlet_spawn_is_importable():
     assert callable(_sa.greenlet_spawn)
+
+
+def test_pool_class_declares_what_sqlalchemy_reads(tmp_path):
+    @_sa.pool_class("sqlalchemy.pool.impl.Declared")
+    class Declared(QueuePool):
+        pass
+
+    @_sa.pool_class("sqlalchemy.pool.impl.AsyncDeclared", asyncio=True)
+    class AsyncDeclared(Declared):
+        pass
+
+    engine = create_engine(f"sqlite:///{tmp_path}/p.db", poolclass=Declared)
+    assert engine.pool.logger.name == "sqlalchemy.pool.impl.Declared"
+    assert not _sa.is_asyncio(engine.pool)
+    engine.dispose()
+    # create_engine checks the pool's asyncio flag against the dialect's.
+    with pytest.raises(exc.ArgumentError, match="asyncio"):
+        create_engine(f"sqlite:///{tmp_path}/p.db", poolclass=AsyncDeclared)
+
+    async def main():
+        pool = AsyncDeclared(lambda: object(), pool_size=2)
+        stock = AsyncAdaptedQueuePool(lambda: object(), pool_size=2)
+        assert _sa.is_asyncio(pool) and _sa.is_asyncio(stock)
+        assert pool.logger.name == "sqlalchemy.pool.impl.AsyncDeclared"
+        assert type(pool._pool) is type(stock._pool)  # the asyncio queue
+        assert type(pool._dialect) is type(stock._dialect)  # the connection dialect
+        rec = _sa.create_record(pool)
+        _sa.queue_pool_return(pool, rec)
+        assert _sa.idle_records(pool) == [rec]
+
+    asyncio.run(main())
+
+
+def test_is_asyncio_of_the_stock_pools():
+    assert not _sa.is_asyncio(QueuePool(lambda: object()))
+
+    async def main():
+        assert _sa.is_asyncio(AsyncAdaptedQueuePool(lambda: object()))
+
+    asyncio.run(main())
+
+
+def test_creator_is_what_the_pool_was_made_with():
+    def creator():
+        return object()
+
+    assert _sa.creator(QueuePool(creator)) is creator
+
+
+def test_queue_full_is_when_checkin_closes_an_overflow_connection(tmp_path):
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/f.db", poolclass=QueuePool, pool_size=1, max_overflow=1
+    )
+    pool = engine.pool
+    a, b = pool.connect(), pool.connect()
+    rec_a, rec_b = _sa.fairy_record(a), _sa.fairy_record(b)
+    assert not _sa.queue_full(pool)
+    a.close()
+    assert _sa.queue_full(pool)
+    b.close()  # no room: QueuePool closes it instead of queueing it
+    assert rec_b.dbapi_connection is None
+    assert _sa.idle_records(pool) == [rec_a]
+    engine.dispose()
+
+
+def test_fairy_record_until_detached(pool):
+    c = pool.connect()
+    rec = _sa.fairy_record(c)
+    assert rec is not None and rec is _sa.record_of(c)
+    assert _sa.fairy_record(object()) is None
+    c.detach()
+    assert _sa.fairy_record(c) is None
+    c.close()
+
+
+def test_wrap_dialect_connect_is_the_last_step_of_a_connect(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path}/w.db")
+    seen = []
+
+    @event.listens_for(engine, "do_connect")
+    def handler(dialect, conn_rec, cargs, cparams):
+        cparams["timeout"] = 7.0  # what a user's handler may set
+
+    def wrap(original):
+        def connect(*cargs, **cparams):
+            seen.append(dict(cparams))
+            return original(*cargs, **cparams)
+
+        return connect
+
+    assert _sa.wrap_dialect_connect(engine.dialect, wrap)
+    assert not _sa.wrap_dialect_connect(engine.dialect, wrap)  # once per dialect
+    with engine.connect():
+        pass
+    # Called once per connect, after the do_connect handlers, with their parameters.
+    assert len(seen) == 1 and seen[0]["timeout"] == 7.0
+    engine.dispose()

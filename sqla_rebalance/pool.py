@@ -33,6 +33,7 @@ from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
 from .hosts import HostSet
 from .ledger import Ledger
 from .maintenance import Maintenance
+from .parameters import PARAMETERS
 from .stats import MANUAL, RETIREMENT_REASONS, SIGNAL, BusStats, Counters, PoolStats
 from .steering import Report, Steering, hosts_for
 from .wiring import SECRET_ENV, Wiring
@@ -221,25 +222,13 @@ class RebalancingQueuePool(QueuePool):
         """Called by ``Engine.dispose()``: a new, empty pool with the same settings."""
         self.logger.info("Pool recreating")
         c = self._config
+        # Our settings as given (parameters.PARAMETERS says where each is kept);
+        # SQLAlchemy's own through _sa; the secret as passed (PoolConfig has none).
+        ours = {p.argument: getattr(c, p.stored) for p in PARAMETERS if p.stored}
         return self.__class__(
             _sa.creator(self),
-            recycle_jitter=c.recycle_jitter_arg,
-            min_size=c.min_size,
-            max_idle=c.max_idle,
-            pool_name=c.pool_name_arg,
-            hosts=c.hosts,
-            target_role=c.target_role,
-            dns_nameservers=c.dns_nameservers,
-            dns_min_refresh=c.dns_min_refresh,
-            dns_max_refresh=c.dns_max_refresh,
-            health_check_interval=c.health_check_interval,
-            health_check_timeout=c.health_check_timeout,
-            connect_deadline=c.connect_deadline,
-            unhealthy_threshold=c.unhealthy_threshold,
-            rebalance_spread=c.rebalance_spread,
-            broadcast=c.broadcast,
+            **ours,
             broadcast_secret=self._broadcast_secret_arg,
-            min_recycle_interval=c.min_recycle_interval,
             _recreated=True,
             **_sa.recreate_kwargs(self),
         )

@@ -24,11 +24,10 @@ import asyncio
 import contextlib
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _sa
+from . import _sa, clock
 from .executor import Executor
 from .stats import DISPOSE
 from .worker import MAX_SLEEP, get_worker
@@ -150,7 +149,7 @@ class Background:
         schedule = self.schedule
         # Until the pass says otherwise; written before the in-flight test so
         # that a pass ending meanwhile is never overwritten.
-        schedule.next_due = time.time() + MAX_SLEEP
+        schedule.next_due = clock.now() + MAX_SLEEP
         if not self.is_asyncio:
             if self._pass_inflight:
                 return  # the running pass sets next_due when it ends
@@ -158,7 +157,7 @@ class Background:
             if not self.executor.submit("pass", lambda: self._pass_job(maintain, refresh_dns)):
                 self._pass_inflight = False
             return
-        if self._steering.dns_due(time.time()):
+        if self._steering.dns_due(clock.now()):
             # A DNS lookup blocks: on this pool's executor, never in the loop.
             self.executor.submit("dns", refresh_dns)
         loop = self.loop
@@ -168,7 +167,7 @@ class Background:
         schedule.wake = False
 
         async def run() -> None:
-            next_due = time.time() + MAX_SLEEP
+            next_due = clock.now() + MAX_SLEEP
             try:
                 next_due = await _sa.greenlet_spawn(maintain)
             except BaseException:
@@ -187,7 +186,7 @@ class Background:
         """One maintenance pass of a sync pool, on its own executor thread."""
         schedule = self.schedule
         schedule.wake = False
-        next_due = time.time() + MAX_SLEEP
+        next_due = clock.now() + MAX_SLEEP
         try:
             refresh_dns()
             next_due = maintain()
@@ -280,7 +279,7 @@ class Background:
             if self._ledger.disposed:
                 self._ledger.close(rec, DISPOSE, self._steering.hostset)
             else:
-                self._ledger.fresh.append((time.time(), rec))
+                self._ledger.fresh.append((clock.now(), rec))
                 self.schedule.request()
 
     def open_now(self) -> ConnectionPoolEntry | None:
@@ -292,7 +291,7 @@ class Background:
             # ...is a failed background connect like any other: backoff, not the end of
             # this pool's maintenance.
             self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
-            self.retry_at = time.time() + random.uniform(0, self._backoff)
+            self.retry_at = clock.now() + random.uniform(0, self._backoff)
             self._pool.logger.warning(
                 "pool %s: background connect failed (%s); retrying in up to %.1fs",
                 self._name,

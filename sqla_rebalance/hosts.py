@@ -32,11 +32,11 @@ import math
 import random
 import re
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import clock
 from .config import TARGET_ROLES, brief_repr
 from .dns import Answer, DnsError, Resolver, refresh_delay
 from .errors import ConfigurationError, DeadlineExceeded
@@ -410,7 +410,7 @@ class HostSet:
             self.seed(specs)
 
     def _now(self) -> float:
-        return self._clock() if self._clock is not None else time.time()
+        return self._clock() if self._clock is not None else clock.now()
 
     @property
     def resolver(self) -> Resolver:

@@ -96,7 +96,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from . import _sa, signals
+from . import _sa, clock, signals
 from .checks import abandon_if_unhealthy
 from .lifetime import INFO_KEY, ConnState, draw_lifetime, state_of
 from .stats import DISPOSE, ERROR, HOST_DOWN, IDLE, LIFETIME, OVERFLOW, Counters
@@ -168,6 +168,8 @@ class Ledger:
                     rec, _sa.clamp_starttime(self._pool, rec, deadline - self._recycle)
                 )
         state = ConnState(self, dbapi, host, started, deadline)
+        if deadline is not None:
+            state.ends_at = clock.lifetime_end(deadline)
         rec.info[INFO_KEY] = state
         return state
 
@@ -365,7 +367,7 @@ class Ledger:
     def close_leftovers(self, hostset: HostSet | None) -> None:
         """Close spares and handed-over records (after dispose)."""
         self.doomed.clear()
-        self.trim_fresh(time.time(), hostset)
+        self.trim_fresh(clock.now(), hostset)
         while True:
             try:  # checkin may pop concurrently: never test-then-pop
                 spare = self.spares.pop()

@@ -97,6 +97,7 @@ class ConnState:
         "connected_at",
         "dbapi",
         "deadline",
+        "ends_at",
         "host",
         "idle_since",
         "ledger_ref",
@@ -125,6 +126,9 @@ class ConnState:
         self.connected_at = connected_at
         #: Lifetime deadline (epoch seconds), None without ``pool_recycle``.
         self.deadline = deadline
+        #: The same deadline on the scheduling clock (``clock.now()``), which the
+        #: pass plans replacements by; set with ``deadline`` by the ledger.
+        self.ends_at: float | None = None
         #: A requested retirement (recycle, rebalance...): when, and why.
         self.retire_at: float | None = None
         self.retire_reason: str | None = None

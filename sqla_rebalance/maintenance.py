@@ -21,10 +21,9 @@ docstring calls "the pass"; the rules it follows are listed there.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
-from . import _sa, signals
+from . import _sa, clock, signals
 from .checks import HostChecks
 from .hosts import Changes
 from .lifetime import ConnState, replacement_lead, schedule_replacements, state_of
@@ -71,7 +70,7 @@ class Maintenance:
         self.lead = replacement_lead(config.recycle) if config.recycle > 0 else 0.0
         #: Moving average of how long a connect takes (seconds).
         self.connect_time = 0.01
-        self._idle_window_start = time.time()
+        self._idle_window_start = clock.now()
         self._idle_window_min: int | None = None
         #: drain(): no background connect until the application connects again.
         self.drained = False
@@ -111,7 +110,7 @@ class Maintenance:
 
     def refresh_dns(self) -> None:
         """Re-resolve the names that are due (blocks: never in an event loop)."""
-        if self.steering.dns_due(time.time()):
+        if self.steering.dns_due(clock.now()):
             self.apply_changes(self.steering.resolve())
 
     def mark_moves(self, now: float) -> int:
@@ -136,7 +135,7 @@ class Maintenance:
     # -- the pass -----------------------------------------------------------------------
     def maintain(self) -> float:
         """One maintenance pass; returns when the next one is due."""
-        now = time.time()
+        now = clock.now()
         if self.ledger.disposed:
             return now + MAX_SLEEP
         try:
@@ -367,9 +366,9 @@ class Maintenance:
         """Start times of lifetime replacements (see ``schedule_replacements``)."""
         return schedule_replacements(
             [
-                (state.deadline, rec)
+                (state.ends_at, rec)
                 for rec, state in list(self.ledger.states.items())
-                if state.deadline is not None and not state.pinned and not state.closed
+                if state.ends_at is not None and not state.pinned and not state.closed
             ],
             self.lead,
             # Connect times vary (about 2x under load): plan with headroom.
@@ -424,7 +423,7 @@ class Maintenance:
         if self.drained:
             _sa.dec_overflow(self._pool)  # draining: the slot goes with its connection
             return
-        new = self.background.open(time.time())
+        new = self.background.open(clock.now())
         # If no connection could be opened, return the (closed) record itself:
         # the slot is kept and the next checkout reconnects it, as QueuePool would.
         _sa.queue_pool_return(self._pool, new if new is not None else old)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
-from . import _sa, signals, stats, targets
+from . import _sa, clock, signals, stats, targets
 from .background import Background, Schedule
 from .bus.listener import Listener
 from .bus.message import Command
@@ -188,7 +188,7 @@ class RebalancingQueuePool(QueuePool):
         if cfg.min_size > 0 and not recreated:
             # A moment's grace: event listeners added right after create_engine()
             # (a do_connect that supplies the password, say) see the prefill.
-            self._schedule.next_due = time.time() + _PREFILL_DELAY
+            self._schedule.next_due = clock.now() + _PREFILL_DELAY
             get_worker().register(self)
         if not recreated:
             self._wiring.attach(self, disposed=False)
@@ -390,8 +390,9 @@ class RebalancingQueuePool(QueuePool):
     def _mark_recycle(
         self, host: str | None, spread: float, reason: str, before: float | None = None
     ) -> int:
-        now = time.time()
-        before = now if before is None else min(before, now)
+        wall = time.time()  # compared with connected_at (wall clock, as issued_at)
+        before = wall if before is None else min(before, wall)
+        now = clock.now()  # retirement moments: the scheduling clock
         keys = None
         if host is not None:
             keys = self._steering.host_keys(host, self._ledger.hosts_open())
@@ -454,7 +455,7 @@ class RebalancingQueuePool(QueuePool):
         Hosts are rebalanced automatically when they change (DNS, health,
         role); call this after changing something the pool cannot see.
         """
-        marked = self._maintenance.mark_moves(time.time())
+        marked = self._maintenance.mark_moves(clock.now())
         if marked:
             self._wake()
         return marked

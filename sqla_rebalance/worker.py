@@ -32,6 +32,8 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
+from . import clock
+
 __all__ = ["MAX_SLEEP", "MaintenanceWorker", "Timer", "get_worker"]
 
 log = logging.getLogger("sqla_rebalance.worker")
@@ -183,7 +185,7 @@ class MaintenanceWorker:
                     self._thread = None
                     return
             timers_due = self._run_timers()
-            now = time.time()
+            now = clock.now()
             wake = now + MAX_SLEEP
             for ref in refs:
                 pool = ref()
@@ -194,11 +196,11 @@ class MaintenanceWorker:
                         pool._run_maintenance()  # dispatches; never blocks
                     except BaseException:  # the loop must survive any pool's failure
                         log.exception("maintenance of %r failed", pool)
-                        pool._next_due = time.time() + MAX_SLEEP
+                        pool._next_due = clock.now() + MAX_SLEEP
                 wake = min(wake, pool._next_due)
                 del pool  # hold no strong reference while sleeping
             self.passes += 1
-            timeout = min(wake - time.time(), timers_due - time.monotonic())
+            timeout = min(wake - clock.now(), timers_due - time.monotonic())
             if timeout > 0:
                 with contextlib.suppress(queue.Empty):
                     self._inbox.get(timeout=timeout)

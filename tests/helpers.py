@@ -13,10 +13,18 @@ from sqla_rebalance.worker import MaintenanceWorker
 
 
 class FakeClock:
-    """Replaces ``time.time`` for SQLAlchemy and sqla-rebalance alike."""
+    """Replaces ``time.time`` (SQLAlchemy's ``starttime``, signals) and the package's
+    scheduling clock (``sqla_rebalance.clock``) alike: :meth:`install`."""
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self.now = start
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+        from sqla_rebalance import clock
+
+        monkeypatch.setattr(time, "time", self)
+        monkeypatch.setattr(clock, "_monotonic", self)
+        return self
 
     def __call__(self) -> float:
         return self.now

@@ -34,7 +34,7 @@ def test_sync_pool_class_is_rejected_by_async_engine(tmp_path):
 
 def test_replacement_and_checkin_retirement_in_the_loop(tmp_path, monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(time, "time", clock)
+    clock.install(monkeypatch)
     manual_maintenance(monkeypatch)
     random.seed(3)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 import weakref
 
 from sqlalchemy import create_engine, pool, text
@@ -110,3 +111,31 @@ def test_invalidated_connection_is_not_kept_alive_even_after_pool_listeners_are_
         recreated.dispose()
     finally:
         p.dispose()
+
+
+def test_maintenance_goes_on_when_the_wall_clock_steps_back(tmp_path, monkeypatch):
+    # An NTP step or a VM restored from a snapshot: time.time() jumps back a minute.
+    # Schedules run on the monotonic clock, so lifetimes are still replaced on time
+    # (with wall-clock schedules every due time looked a minute away).
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/w.db",
+        poolclass=RebalancingQueuePool,
+        pool_size=3,
+        max_overflow=0,
+        min_size=3,
+        pool_recycle=2,
+        recycle_jitter=0.2,
+    )
+    try:
+        pool = engine.pool
+        wait_for(lambda: len(pool._ledger.states) == 3)
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() - 60.0)
+        before = pool.stats().retirements["lifetime"]
+        # Each connection lives 1.6-2 s: within 6 s each is replaced at least once.
+        wait_for(lambda: pool.stats().retirements["lifetime"] >= before + 3, timeout=6)
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+        assert pool.stats().checkouts_waited == 0
+    finally:
+        engine.dispose()

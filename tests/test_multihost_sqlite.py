@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, exc, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool
+from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool, clock
 from sqla_rebalance.errors import ConfigurationError
 
 from .helpers import manual_maintenance, wait_for
@@ -229,7 +229,7 @@ def test_lifetime_replacement_keeps_tied_hosts_even(files, monkeypatch):
         fill(engine, 4)
         pool = engine.pool
         state = next(s for s in pool._ledger.states.values() if s.host == files[0])
-        state.deadline = time.time() - 1
+        state.ends_at = clock.now() - 1  # its lifetime is over (the scheduling clock)
         pool._maintenance.maintain()
         assert pool.stats().retirements["lifetime"] == 1
         assert sorted(h.open for h in pool.stats().hosts.values()) == [2, 2]

@@ -8,7 +8,6 @@ the real worker against PostgreSQL in ``test_postgres.py``.
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -25,7 +24,7 @@ R = 100.0  # pool_recycle used below (seconds of fake time)
 @pytest.fixture
 def clock(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(time, "time", clock)
+    clock.install(monkeypatch)
     manual_maintenance(monkeypatch)
     random.seed(1234)
     return clock

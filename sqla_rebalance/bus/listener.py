@@ -299,7 +299,7 @@ class Listener:
         """Wait while disconnected (still applying coalesced commands); True: stop."""
         deadline = time.monotonic() + seconds
         while True:
-            self._run_pending(time.time())
+            self._run_pending(time.monotonic())
             self._log_summary()
             left = deadline - time.monotonic()
             if left <= 0:
@@ -332,7 +332,7 @@ class Listener:
         self._catch_up(sub)
         self.last_error = None  # connected and caught up: the old error is history
         sub.reconnected = False
-        self._fast_heartbeats_until = time.time() + _FAST_HEARTBEATS
+        self._fast_heartbeats_until = time.monotonic() + _FAST_HEARTBEATS
         self._heartbeat(sub)
         next_poll = time.monotonic() + _jitter(POLL_INTERVAL)
         while not self._should_exit():
@@ -358,14 +358,14 @@ class Listener:
                     behind = True
                 if behind:
                     self._catch_up(sub)
-            now = time.time()
+            now = time.monotonic()  # schedules: a wall-clock step must not stall them
             self._run_pending(now)
             self._log_summary()
             if now >= self._heartbeat_due:
                 self._heartbeat(sub)
 
     def _timeout(self) -> float:
-        now = time.time()
+        now = time.monotonic()
         wake = min(now + _TICK, self._heartbeat_due)
         for _pool, member in self.pools():
             if member.pending is not None:
@@ -468,9 +468,9 @@ class Listener:
             if command.matches(pool.pool_name) and (
                 command.issued_at >= member.attached_at - ATTACH_GRACE
             ):
-                self._dispatch(pool, member, command, cutoff, received)
+                self._dispatch(pool, member, command, cutoff, time.monotonic())
         self._settle()
-        self._heartbeat_due = min(self._heartbeat_due, received + 0.2)
+        self._heartbeat_due = min(self._heartbeat_due, time.monotonic() + 0.2)
         return True
 
     def _settle(self) -> None:
@@ -560,10 +560,10 @@ class Listener:
 
     # -- reporting ---------------------------------------------------------------
     def _heartbeat(self, sub: Subscription) -> None:
-        now = time.time()
+        now = time.monotonic()
         fast = now < self._fast_heartbeats_until
         self._heartbeat_due = now + (1.0 if fast else HEARTBEAT_INTERVAL)
-        payload = json.dumps(self.status(now), separators=(",", ":")).encode()
+        payload = json.dumps(self.status(time.time()), separators=(",", ":")).encode()
         sub.put_heartbeat(self.ident, payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR)
         self.heartbeats += 1
 

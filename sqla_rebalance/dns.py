@@ -45,18 +45,31 @@ overrun ``timeout`` by one of dnspython's back-off sleeps.)
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError, RebalanceError
+from .dns_answers import (
+    LOCALHOST_ADDRESS,
+    SYSTEM_TTL,
+    Answer,
+    DnsError,
+    DnsErrorKind,
+    _address,
+    _is_localhost,
+    _literal,
+    _sane_ttl,
+    _sorted_addresses,
+    _summary,
+    refresh_delay,
+)
+from .dns_nameservers import DEFAULT_PORT, parse_nameserver
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     import dns.resolver
@@ -75,132 +88,6 @@ __all__ = [
 
 log = logging.getLogger("sqla_rebalance.dns")
 
-#: Port of a nameserver given without one.
-DEFAULT_PORT = 53
-
-#: TTL reported for answers from ``getaddrinfo``, which does not return one.
-#: Short enough that a changed record is followed within half a minute, long
-#: enough that a process asks the system resolver only twice a minute per
-#: name. ``refresh_delay`` still clamps it into the pool's refresh bounds.
-SYSTEM_TTL = 30.0
-
-#: The one address every ``localhost`` name stands for (see the module docstring).
-LOCALHOST_ADDRESS = "127.0.0.1"
-
-DnsErrorKind = Literal["nxdomain", "empty", "timeout", "error"]
-
-_Source = Literal["dns", "system", "literal"]
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The addresses of one name and how long they may be used before asking again."""
-
-    #: Text addresses, de-duplicated, IPv4 first then IPv6, each in numeric order
-    #: (so two answers with the same records compare equal).
-    addresses: tuple[str, ...]
-    #: Seconds the answer may be kept: the smallest TTL of the records used
-    #: (CNAMEs included); ``inf`` for literals and ``localhost``, which never
-    #: change; ``SYSTEM_TTL`` when ``getaddrinfo`` answered.
-    ttl: float
-    #: ``"dns"`` (dnspython), ``"system"`` (``getaddrinfo``) or ``"literal"``.
-    source: _Source
-    #: Record types (``"A"``, ``"AAAA"``) whose query failed while the other one
-    #: answered with records. A failed type contributes the addresses it had in
-    #: the resolver's last answer for the name (none if it never had any);
-    #: ``ttl`` is that of the records that did come back.
-    failed: tuple[str, ...] = ()
-
-
-class DnsError(RebalanceError):
-    """A name could not be resolved.
-
-    ``kind`` tells the caller what it may conclude:
-
-    - ``"nxdomain"``: the name does not exist;
-    - ``"empty"``: it exists but has neither A nor AAAA records;
-    - ``"timeout"``: no nameserver answered in time (timed out or unreachable);
-    - ``"error"``: anything else (SERVFAIL, REFUSED, a malformed name, ...).
-
-    Only the first two are statements about the name; after the others the
-    previous answer is as good as it was.
-    """
-
-    def __init__(self, name: str, kind: DnsErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.name = name
-        self.kind: DnsErrorKind = kind
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The default pickling calls cls(*args) with only the message.
-        return (type(self), (self.name, self.kind, str(self)))
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """``"ip"``, ``"ip:port"``, ``"v6"`` or ``"[v6]:port"`` as ``(address, port)``.
-
-    Only IP addresses are accepted: a nameserver given by name would need a
-    nameserver to find it. Raises :class:`ConfigurationError` with the reason.
-    """
-    if not isinstance(text, str):
-        raise ConfigurationError(
-            f"a DNS nameserver must be a string such as '127.0.0.1:5353', got {text!r}"
-        )
-    spec = text.strip()
-    host, port_text = spec, None
-    if spec.startswith("["):
-        end = spec.find("]")
-        if end < 0:
-            raise ConfigurationError(f"DNS nameserver {text!r}: missing ']' after the address")
-        host, rest = spec[1:end], spec[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigurationError(
-                    f"DNS nameserver {text!r}: expected ':port' after ']', got {rest!r}"
-                )
-            port_text = rest[1:]
-    elif spec.count(":") == 1:
-        host, port_text = spec.split(":")
-    # Otherwise no colon (IPv4 without port) or several (a bare IPv6 address).
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigurationError(
-            f"DNS nameserver {text!r}: {host!r} is not an IP address "
-            "(use 'ip', 'ip:port' or '[ipv6]:port')"
-        ) from None
-    if spec.startswith("[") and address.version == 4:
-        raise ConfigurationError(
-            f"DNS nameserver {text!r}: brackets are for IPv6 addresses, write {host}:port"
-        )
-    port = DEFAULT_PORT
-    if port_text is not None:
-        if not (port_text.isascii() and port_text.isdigit()):
-            raise ConfigurationError(f"DNS nameserver {text!r}: port {port_text!r} is not a number")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise ConfigurationError(f"DNS nameserver {text!r}: port {port} is out of range")
-    return str(address), port
-
-
-def refresh_delay(ttl: float, min_refresh: float, max_refresh: float) -> float:
-    """Seconds until a name should be resolved again: its TTL clamped to the bounds.
-
-    ``min_refresh`` protects the nameserver from a TTL of 0 or 1 multiplied by
-    every process of a fleet; ``max_refresh`` bounds how long a record change
-    can go unnoticed behind a long TTL. An infinite TTL (a literal or
-    ``localhost``, which never change) gives ``max_refresh``; callers may
-    skip refreshing those altogether.
-    """
-    if not (0 <= min_refresh <= max_refresh < math.inf):
-        raise ValueError(
-            f"need 0 <= min_refresh <= max_refresh < inf, got {min_refresh}, {max_refresh}"
-        )
-    if math.isnan(ttl):
-        raise ValueError("ttl is NaN")
-    return min(max_refresh, max(min_refresh, ttl))
-
 
 def _dnspython() -> ModuleType | None:
     """``dns.resolver`` (with the modules used here loaded), or None without the extra."""
@@ -214,47 +101,8 @@ def _dnspython() -> ModuleType | None:
     return dns.resolver
 
 
-def _literal(name: str) -> _IPAddress | None:
-    text = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _is_localhost(name: str) -> bool:
-    name = name.rstrip(".").lower()
-    return name == "localhost" or name.endswith(".localhost")
-
-
-def _address(text: str) -> str:
-    """One address of an answer, normalised; an IPv4-mapped IPv6 address is the IPv4 one
-    (``::ffff:10.0.0.5`` and ``10.0.0.5`` are one server, not two hosts)."""
-    ip = ipaddress.ip_address(text)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
-
-
-#: Longest TTL taken as given (RFC 2181 section 8: 2**31 - 1; larger values mean 0).
-_MAX_TTL = 2**31 - 1
-
-
-def _sane_ttl(value: Any) -> float:
-    """A TTL as a number of seconds in ``[0, 2**31 - 1]``: negative, NaN or too large is 0."""
-    ttl = float(value)
-    return ttl if 0 <= ttl <= _MAX_TTL else 0.0
-
-
 #: Names whose last addresses per record type a resolver keeps (see ``Resolver.resolve``).
 _KNOWN_NAMES = 1024
-
-
-def _sorted_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
-    """Normalised, de-duplicated, IPv4 before IPv6, numeric order within a family."""
-    parsed = {ipaddress.ip_address(_address(a)) for a in addresses}
-    ordered = sorted(parsed, key=lambda ip: (ip.version, ip.packed, str(ip)))
-    return tuple(str(ip) for ip in ordered)
 
 
 class Resolver:
@@ -590,12 +438,6 @@ class Resolver:
         if not addresses:
             raise DnsError(name, "empty", f"{name!r} has no IPv4 or IPv6 address")
         return Answer(_sorted_addresses(addresses), SYSTEM_TTL, "system")
-
-
-def _summary(errors: Sequence[tuple[Any, ...]] | None) -> str:
-    """dnspython's per-attempt errors, each distinct one once (retries repeat them)."""
-    seen = dict.fromkeys(f"{e[0]} answered {e[3]}" for e in errors or ())
-    return "; ".join(seen)
 
 
 _GAI_KINDS: dict[int, DnsErrorKind] = {

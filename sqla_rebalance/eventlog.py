@@ -24,68 +24,45 @@ How it stays off the request path:
   its events are counted as dropped and a rate-limited warning is logged.
 
 See ``docs/eventlog.md`` for the schema, the guarantees and example queries.
+
+The work is split three ways: this module is the public facade (what
+:class:`EventLog` watches and the signal receivers), the buffering and the
+background writer are :mod:`sqla_rebalance.eventlog_writer`, and the table
+and its SQL are :mod:`sqla_rebalance.eventlog_table`. Every public name is
+importable from here.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
-import logging
 import math
 import os
-import queue
-import socket
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Any, NamedTuple, TypeAlias
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    DateTime,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    bindparam,
-    create_engine,
-    event,
-    insert,
-    inspect,
-    select,
-    update,
-)
-from sqlalchemy.engine import URL, Dialect, Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Table, create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
-from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from . import signals
+from .eventlog_table import Event, UTCDateTime, make_table
+from .eventlog_writer import (
+    WARN_INTERVAL,  # noqa: F401  (still importable from here)
+    BufferedWriter,
+    EventLogStats,
+    log,
+)
 from .pool import RebalancingQueuePool
 
 __all__ = ["DEFAULT_TABLE", "EventLog", "EventLogStats", "UTCDateTime"]
 
-log = logging.getLogger("sqla_rebalance.eventlog")
-
 #: Name of the table written when ``table=`` is not given.
 DEFAULT_TABLE = "sqla_rebalance_connection_events"
-
-#: At most one warning about lost events per this many seconds (per log).
-WARN_INTERVAL = 60.0
-
-# Column widths. Values are cut to fit rather than failing the whole batch.
-_NAME_LEN = 255
-_HOST_LEN = 512
-_REASON_LEN = 32
 
 # ``pool-disposed`` (sender: the pool, sent by ``pool.dispose()``). The pool
 # may or may not send it; ``Namespace.signal`` returns the same signal object
@@ -95,156 +72,13 @@ _pool_disposed = signals.namespace.signal("pool-disposed")
 
 Watchable: TypeAlias = Engine | AsyncEngine | Pool
 
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC timestamp, portable over SQLite, PostgreSQL and MySQL.
-
-    PostgreSQL gets ``TIMESTAMP WITH TIME ZONE``. SQLite and MySQL have no
-    zone-aware type, so they store naive UTC (SQLite as ISO text, MySQL as
-    ``DATETIME(6)``: without ``fsp`` MySQL would drop the microseconds). Read
-    back, every value is an aware UTC ``datetime``, whichever the database.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name in ("mysql", "mariadb"):
-            from sqlalchemy.dialects.mysql import DATETIME
-
-            return dialect.type_descriptor(DATETIME(fsp=6))
-        return dialect.type_descriptor(DateTime(timezone=True))
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        value = value.astimezone(timezone.utc)
-        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-def _utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc)
-
-
-def _make_table(name: str, schema: str | None) -> Table:
-    return Table(
-        name,
-        MetaData(),
-        # INTEGER PRIMARY KEY is what autoincrements on SQLite.
-        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-        Column("pool", String(_NAME_LEN), nullable=False),
-        Column("process", String(_NAME_LEN), nullable=False),
-        Column("connection_id", BigInteger, nullable=False),
-        Column("host", String(_HOST_LEN), nullable=False),
-        Column("opened_at", UTCDateTime(), nullable=False),
-        Column("closed_at", UTCDateTime(), nullable=True),
-        Column("reason", String(_REASON_LEN), nullable=True),
-        Column("background", Boolean, nullable=True),
-        # The lookup of a retirement whose open was written by an earlier batch.
-        Index(f"ix_{name}_process_conn", "process", "connection_id"),
-        Index(f"ix_{name}_opened_at", "opened_at"),
-        schema=schema,
-    )
-
-
-class _Event(NamedTuple):
-    """One signal, as the receivers buffer it (epoch seconds, as the pool sends them)."""
-
-    opened: bool
-    pool: str
-    connection_id: int
-    host: str
-    connected_at: float
-    background: bool | None
-    closed_at: float | None
-    reason: str | None
-
-
-def _merge(batch: list[_Event], process: str) -> tuple[list[dict[str, Any]], list[_Event]]:
-    """Fold a batch into rows to insert, plus the retirements of earlier batches' rows.
-
-    An open and a retire of the same connection in one batch become one row
-    that keeps the open's connect time. Connection ids are unique within a
-    process, and a batch only ever holds this process's events (the buffer is
-    emptied in a forked child), so the id alone is the key here.
-    """
-    rows: dict[int, dict[str, Any]] = {}
-    closes: list[_Event] = []
-    for ev in batch:
-        if ev.opened:
-            rows[ev.connection_id] = _row(ev, process)
-            continue
-        row = rows.get(ev.connection_id)
-        if row is not None and row["closed_at"] is None:
-            row["closed_at"] = _utc(ev.closed_at or ev.connected_at)
-            row["reason"] = (ev.reason or "")[:_REASON_LEN] or None
-        else:
-            closes.append(ev)
-    return list(rows.values()), closes
-
-
-def _row(ev: _Event, process: str) -> dict[str, Any]:
-    """An insertable row; for a lone retirement it is already closed."""
-    return {
-        "pool": ev.pool[:_NAME_LEN],
-        "process": process,
-        "connection_id": ev.connection_id,
-        "host": ev.host[:_HOST_LEN],
-        "opened_at": _utc(ev.connected_at),
-        "closed_at": None if ev.closed_at is None else _utc(ev.closed_at),
-        "reason": None if ev.reason is None else ev.reason[:_REASON_LEN],
-        "background": ev.background,
-    }
-
-
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-@dataclass(frozen=True)
-class EventLogStats:
-    """Figures of one :class:`EventLog`, counted in *events* (one open or one retire).
-
-    Every event a watched pool sent is, at any moment, exactly one of
-    ``written``, ``dropped`` or ``pending``. ``dropped`` is
-    ``dropped_full + dropped_failed``: events refused because the buffer was
-    full, and events of batches given up after their retry failed
-    (``failed_flushes`` counts those batches). ``flush_errors`` counts every
-    failed write attempt, retried or not; ``batches`` the successful ones.
-    """
-
-    written: int
-    dropped: int
-    failed_flushes: int
-    pending: int
-    batches: int
-    dropped_full: int
-    dropped_failed: int
-    flush_errors: int
-    last_error: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable data."""
-        return asdict(self)
-
-
 #: Every log not yet closed, flushed at interpreter exit. Strong references on
 #: purpose: ``EventLog(url).watch(engine)`` without keeping the result is the
 #: common case, and that log must keep working (and be flushed) until exit.
 _open_logs: set[EventLog] = set()
 
 
-class EventLog:
+class EventLog(BufferedWriter):
     """Writes the ``connection_opened`` / ``connection_retired`` signals of pools to a table.
 
     :param target: where the table lives: a SQLAlchemy URL (the log then owns
@@ -296,7 +130,7 @@ class EventLog:
                 )
             self._engine = create_engine(url, pool_size=1, max_overflow=2, pool_pre_ping=True)
             self._owns_engine = True
-        self._table = _make_table(table, schema)
+        self._table = make_table(table, schema)
         self._buffer_size = buffer_size
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -317,43 +151,6 @@ class EventLog:
         signals.connection_retired.connect(self._on_retired)
         _pool_disposed.connect(self._on_pool_disposed)
         _open_logs.add(self)
-
-    def _reset_process_state(self) -> None:
-        """Everything that belongs to one process (called again in a forked child)."""
-        self._process = f"{socket.gethostname()}:{os.getpid()}"
-        # The receivers' side: a deque is appended to without any lock, and
-        # len() is exact. A check-then-append may overshoot buffer_size by the
-        # number of threads appending at that very instant, which keeps it
-        # bounded; what matters is that an append never waits.
-        self._buffer: deque[_Event] = deque()
-        # Drops are counted by advancing an itertools.count: next() on it is
-        # one C call, atomic under the GIL, takes no lock (a receiver may run
-        # inside a GC callback in a thread that already holds any lock we
-        # could name) and cannot lose an increment the way ``n += 1`` can.
-        # A count cannot be read without advancing it, so readers advance it
-        # too and subtract their own reads (see _dropped_full()).
-        self._drop_seq = itertools.count()
-        self._drop_reads = 0
-        #: Readers of _drop_seq only: stats() and the flusher, never receivers.
-        self._read_lock = threading.Lock()
-        #: One flush at a time (background, flush(), close(), exit, dispose).
-        self._flush_lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        #: Wakes the flusher. SimpleQueue.put is reentrant: safe in GC callbacks.
-        self._inbox: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        #: A batch whose first write failed, waiting for its one retry.
-        self._retry: list[_Event] | None = None
-        self._inflight = 0
-        self._written = 0
-        self._batches = 0
-        self._failed_flushes = 0
-        self._dropped_failed = 0
-        self._flush_errors = 0
-        self._last_error: str | None = None
-        self._reported_full = 0
-        self._reported_failed = 0
-        self._cycles = 0
 
     # -- public API ------------------------------------------------------------
     @property
@@ -445,22 +242,6 @@ class EventLog:
             self._engine.dispose()
         _open_logs.discard(self)
 
-    def stats(self) -> EventLogStats:
-        """A snapshot of the counters. Never waits for a flush in progress."""
-        full = self._dropped_full()
-        retry = self._retry
-        return EventLogStats(
-            written=self._written,
-            dropped=full + self._dropped_failed,
-            failed_flushes=self._failed_flushes,
-            pending=len(self._buffer) + len(retry or ()) + self._inflight,
-            batches=self._batches,
-            dropped_full=full,
-            dropped_failed=self._dropped_failed,
-            flush_errors=self._flush_errors,
-            last_error=self._last_error,
-        )
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<EventLog {self._table.fullname} on {self._engine.url!r} ({state})>"
@@ -492,7 +273,7 @@ class EventLog:
     ) -> None:
         if not self._watches(sender):
             return
-        event = _Event(
+        event = Event(
             True, sender.pool_name, connection_id, host, connected_at, background, None, None
         )
         if not self._push(event):
@@ -518,20 +299,11 @@ class EventLog:
     ) -> None:
         if not self._watches(sender):
             return
-        event = _Event(
+        event = Event(
             False, sender.pool_name, connection_id, host, connected_at, None, closed_at, reason
         )
         if self._push(event) and len(self._buffer) == self._batch_size:
             self._inbox.put(None)
-
-    def _push(self, event: _Event) -> bool:
-        """Buffer ``event``, or count it as dropped when the buffer is full."""
-        buf = self._buffer
-        if len(buf) >= self._buffer_size:
-            next(self._drop_seq)
-            return False
-        buf.append(event)
-        return True
 
     def _adopt_pool(self, pool: Pool) -> None:
         key = id(pool)
@@ -573,248 +345,6 @@ class EventLog:
             log_._bounded_flush(log_._shutdown_timeout, final=False)
 
         return on_engine_disposed
-
-    # -- the background thread -----------------------------------------------------
-    def _ensure_thread(self) -> None:
-        """Start the background flusher unless it runs (lazily: first watch, or after fork)."""
-        if self._flush_interval is None or self._closed or self._thread is not None:
-            return
-        with self._start_lock:
-            self._start_locked(self._flush_interval)
-
-    def _start_locked(self, interval: float) -> None:
-        if self._thread is not None:  # another thread won the race
-            return
-        thread = threading.Thread(
-            target=_run_flusher,
-            args=(weakref.ref(self), self._inbox, interval),
-            name="sqla-rebalance-eventlog",
-            daemon=True,
-        )
-        self._thread = thread
-        thread.start()
-
-    def _bounded_flush(self, timeout: float, *, final: bool) -> None:
-        """Flush in a helper thread and wait at most ``timeout`` for it.
-
-        A database that does not answer (a connect stuck on an unreachable
-        host) must not hang ``close()``, ``engine.dispose()`` or interpreter
-        exit; the helper is a daemon and is abandoned if it overruns.
-        """
-
-        def run() -> None:
-            try:
-                self._flush(final=final)
-            except Exception:
-                log.exception("event log %s: flush failed", self._table.fullname)
-
-        try:
-            helper = threading.Thread(target=run, name="sqla-rebalance-eventlog-flush", daemon=True)
-            helper.start()
-        except RuntimeError:  # no new threads at interpreter shutdown: flush here
-            run()
-            return
-        helper.join(timeout)
-        if helper.is_alive():
-            log.warning(
-                "event log %s: flush still running after %.1f s; %d events not written yet",
-                self._table.fullname,
-                timeout,
-                self.stats().pending,
-            )
-
-    # -- flushing (one at a time, under _flush_lock) ------------------------------------
-    def _dropped_full(self) -> int:
-        with self._read_lock:
-            # next() returns how many times it was called before: the drops
-            # plus our own earlier reads.
-            value = next(self._drop_seq) - self._drop_reads
-            self._drop_reads += 1
-        return value
-
-    def _take(self) -> list[_Event]:
-        batch: list[_Event] = []
-        pop = self._buffer.popleft
-        for _ in range(self._batch_size):
-            try:  # receivers append concurrently: never test-then-pop
-                batch.append(pop())
-            except IndexError:
-                break
-        self._inflight = len(batch)
-        return batch
-
-    def _flush(self, *, final: bool) -> int:
-        """Write the retry batch, then the buffer, batch by batch; returns events written.
-
-        Stops at the first failure: the database is probably down, and the
-        buffer keeps (bounded) until the next cycle. ``final`` (close, exit)
-        retries a failing batch at once and counts the rest as dropped.
-        """
-        written = 0
-        with self._flush_lock:
-            self._cycles += 1
-            try:
-                retry, self._retry = self._retry, None
-                if retry is not None:
-                    self._inflight = len(retry)
-                    if not self._attempt(retry):
-                        self._abandon(retry)
-                        if final:
-                            self._abandon(self._drain(), batch=False)
-                        return written
-                    written += len(retry)
-                while True:
-                    batch = self._take()
-                    if not batch:
-                        break
-                    if self._attempt(batch) or (final and self._attempt(batch)):
-                        written += len(batch)
-                        continue
-                    if final:
-                        self._abandon(batch)
-                        self._abandon(self._drain(), batch=False)
-                    else:
-                        self._retry = batch
-                    break
-            finally:
-                self._inflight = 0
-                self._report()
-        return written
-
-    def _drain(self) -> list[_Event]:
-        rest: list[_Event] = []
-        while True:
-            batch = self._take()
-            if not batch:
-                return rest
-            rest.extend(batch)
-
-    def _attempt(self, batch: list[_Event]) -> bool:
-        try:
-            self._write(batch)
-        except Exception as exc:  # any failure of the log DB: counted, never raised
-            self._flush_errors += 1
-            self._last_error = f"{type(exc).__name__}: {exc}"[:500]
-            log.debug("event log %s: write failed: %s", self._table.fullname, self._last_error)
-            return False
-        self._written += len(batch)
-        self._batches += 1
-        return True
-
-    def _abandon(self, events: list[_Event], *, batch: bool = True) -> None:
-        if batch:
-            self._failed_flushes += 1
-        self._dropped_failed += len(events)
-
-    def _report(self) -> None:
-        """Warn about lost events, at most once per WARN_INTERVAL: never silently,
-        but a database that stays down must not flood the application's log."""
-        full = self._dropped_full()
-        new_full = full - self._reported_full
-        new_failed = self._dropped_failed - self._reported_failed
-        if not (new_full or new_failed):
-            return
-        now = time.monotonic()
-        if now - self._warned_at < WARN_INTERVAL:
-            return
-        self._warned_at = now
-        self._reported_full = full
-        self._reported_failed = self._dropped_failed
-        log.warning(
-            "event log %s: %d connection events dropped (buffer full: %d, write failed "
-            "twice: %d) since the last report; last error: %s",
-            self._table.fullname,
-            new_full + new_failed,
-            new_full,
-            new_failed,
-            self._last_error,
-        )
-
-    def _ensure_table(self) -> None:
-        if self._table_ready:
-            return
-        try:
-            self._table.create(self._engine, checkfirst=True)
-        except SQLAlchemyError:
-            # Another process may have created it between the check and ours.
-            if not inspect(self._engine).has_table(self._table.name, schema=self._table.schema):
-                raise
-        self._table_ready = True
-
-    def _write(self, batch: list[_Event]) -> None:
-        """One transaction: insert new rows, close rows written by earlier batches.
-
-        A retirement whose row is not found (its open was dropped, failed, or
-        came before ``watch()``) is inserted as a closed row: ``opened_at``
-        from the retirement's own ``connected_at``, ``background`` NULL.
-        """
-        pid = os.getpid()
-        if pid != self._engine_pid:
-            # Forked child: never use the parent's connections to the log DB.
-            self._engine.dispose(close=False)
-            self._engine_pid = pid
-        self._ensure_table()
-        table = self._table
-        process = self._process
-        rows, closes = _merge(batch, process)
-        with self._engine.begin() as conn:
-            if closes:
-                # Matched on the connect time too, so that a row left open by
-                # an earlier process with the same pid is never closed by us.
-                found: dict[tuple[int, datetime], int] = {}
-                for chunk in _chunks(sorted({ev.connection_id for ev in closes}), 500):
-                    query = select(table.c.id, table.c.connection_id, table.c.opened_at).where(
-                        table.c.process == process,
-                        table.c.connection_id.in_(chunk),
-                        table.c.closed_at.is_(None),
-                    )
-                    for row_id, conn_id, opened_at in conn.execute(query):
-                        found[(conn_id, opened_at)] = row_id
-                changes: list[dict[str, Any]] = []
-                for ev in closes:
-                    row_id = found.pop((ev.connection_id, _utc(ev.connected_at)), None)
-                    if row_id is None:
-                        rows.append(_row(ev, process))
-                    else:
-                        changes.append(
-                            {
-                                "b_id": row_id,
-                                "b_closed_at": _utc(ev.closed_at or ev.connected_at),
-                                "b_reason": (ev.reason or "")[:_REASON_LEN] or None,
-                            }
-                        )
-                if changes:
-                    conn.execute(
-                        update(table)
-                        .where(table.c.id == bindparam("b_id"))
-                        .values(closed_at=bindparam("b_closed_at"), reason=bindparam("b_reason")),
-                        changes,
-                    )
-            if rows:
-                conn.execute(insert(table), rows)
-
-
-def _run_flusher(
-    ref: weakref.ref[EventLog], inbox: queue.SimpleQueue[None], interval: float
-) -> None:
-    """The background loop of one log; holds it only while flushing."""
-    me = threading.current_thread()
-    while True:
-        with contextlib.suppress(queue.Empty):
-            inbox.get(timeout=interval)
-        while True:  # coalesce every wake-up received meanwhile
-            try:
-                inbox.get_nowait()
-            except queue.Empty:
-                break
-        log_ = ref()
-        if log_ is None or log_._closed or log_._thread is not me:
-            return
-        try:
-            log_._flush(final=False)
-        except Exception:  # the loop must survive anything
-            log.exception("event log %s: flush failed", log_._table.fullname)
-        del log_
 
 
 def _flush_all_at_exit() -> None:

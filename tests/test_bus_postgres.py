@@ -353,7 +353,8 @@ def test_poll_mode_holds_no_connection_between_reads(bus, bus_server, tmp_path):
         poll(lambda: pool.stats().bus.connected)
         sent = send_command(polled, "recycle", secret=SECRET)
         poll(lambda: pool.stats().bus.generation_applied == sent.generation)
-        assert [p.process for p in fleet_status(polled)] == [pool.stats().bus.process]
+        me = pool.stats().bus.process  # its heartbeat rides on a read: wait for one
+        poll(lambda: [p.process for p in fleet_status(polled)] == [me])
         samples = []
         for _ in range(20):
             samples.append(_ours_on(bus_server))

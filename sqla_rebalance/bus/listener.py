@@ -31,31 +31,36 @@ What a listener does, in order of importance:
    the next catch-up starts below it again (it is remembered, so it is
    counted once). Junk is rejected cheaply (size before parse) and logged
    as a rate-limited summary, never once per message.
+
+Beside the loop here: :mod:`.registry` (per-process state, fork),
+:mod:`.coalescing` (4), :mod:`.heartbeat` (5), :mod:`.rejections` (6).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
 import json
 import logging
-import os
 import random
-import socket
 import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..stats import BusStats
+from . import registry
 from .base import Bus, BusDataError, BusUnavailableError, Subscription
-from .message import MAX_BYTES, REJECTION_KINDS, REPLAYED, STALE, Command, Rejected, decode
+from .coalescing import Pending as _Pending
+from .heartbeat import bus_stats, status_payload
+from .message import REJECTION_KINDS, REPLAYED, STALE, Command, Rejected, decode
+from .registry import listeners as _registry
+from .registry import process_id
+from .rejections import RejectionLog
+from .rejections import issued_before as _issued_before
 
 if TYPE_CHECKING:
     from ..pool import RebalancingQueuePool
+    from ..stats import BusStats
 
 __all__ = [
     "CATCH_UP_MAX_AGE",
@@ -90,8 +95,6 @@ _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
 #: A connection that stayed up this long resets the backoff.
 _STABLE = 5.0
-#: Rejections of one kind are logged once, then at most once per this.
-_LOG_EVERY = 60.0
 _RECENT = 4096
 #: Messages handled in a row before the thread lets the others run. A flood must
 #: not hold the GIL: the application's threads would wait for it up to the
@@ -108,40 +111,12 @@ def _jitter(value: float, low: float = 0.5, high: float = 1.5) -> float:
     return value * random.uniform(low, high)
 
 
-_process_token = os.urandom(4).hex()
 _listener_numbers = itertools.count(1)
 
 
-def process_id() -> str:
-    """This process on the bus: ``hostname:pid:token`` (a new token after fork)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_token}"
-
-
-@dataclass
-class _Pending:
-    """Commands for one pool waiting for its ``min_recycle_interval``."""
-
-    due: float
-    #: (action, host) -> (command, cutoff)
-    commands: dict[tuple[str, str | None], tuple[Command, float]] = field(default_factory=dict)
-
-    def add(self, command: Command, cutoff: float) -> None:
-        key = (command.action, command.host)
-        if command.action == "recycle" and ("recycle", None) in self.commands:
-            key = ("recycle", None)  # a recycle of every host covers one of a host
-        elif command.action in ("recycle", "drain") and command.host is None:
-            # Covers the recycles of single hosts queued before it.
-            for k in [k for k in self.commands if k[0] == "recycle" and k[1] is not None]:
-                del self.commands[k]
-        old = self.commands.get(key)
-        if old is not None:
-            spread = max(old[0].spread, command.spread)
-            command = dataclasses.replace(command, spread=spread, host=key[1])
-            cutoff = max(cutoff, old[1])
-        self.commands[key] = (command, cutoff)
-
-    def ordered(self) -> list[tuple[Command, float]]:
-        return sorted(self.commands.values(), key=lambda item: item[0].gen)
+def _monotonic() -> float:
+    # Read through this module's ``time`` at each call (the tests replace it).
+    return time.monotonic()
 
 
 class _Member:
@@ -213,9 +188,9 @@ class Listener:
         #: This listener on the bus: the process, and which of its listeners
         #: (one process may listen on one bus with two secrets).
         self.ident = f"{process_id()}.{next(_listener_numbers)}"
-        self._logged: dict[str, tuple[float, int]] = {}
+        self._rejections = RejectionLog(bus, _monotonic)
 
-    # -- membership (under _registry_lock) -------------------------------------
+    # -- membership (under registry.lock()) ------------------------------------
     def _add(self, pool: RebalancingQueuePool) -> None:
         key = id(pool)
         member = self._members.get(key)
@@ -245,7 +220,7 @@ class Listener:
         self._wake.set()
 
     def _should_exit(self) -> bool:
-        with _registry_lock:
+        with registry.lock():
             for key, member in list(self._members.items()):
                 if member.ref() is None:
                     self._members.pop(key, None)
@@ -529,34 +504,13 @@ class Listener:
 
     def _reject(self, kind: str, detail: str) -> None:
         # Per message: two dict updates. The log gets the first rejection of a
-        # kind, then a summary at most once per _LOG_EVERY (see _log_summary).
+        # kind, then a summary at most once per LOG_EVERY (see _log_summary).
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
-        logged = self._logged.get(kind)
-        if logged is not None:
-            self._logged[kind] = (logged[0], logged[1] + 1)
-            return
-        self._logged[kind] = (time.monotonic(), 0)
-        log.warning("bus %s: rejected a message: %s: %s", self.bus, kind, detail[:200])
+        self._rejections.note(kind, detail)
 
     def _log_summary(self, force: bool = False) -> None:
-        """Say how many rejections were left out of the log, once per _LOG_EVERY."""
-        if not self._logged:
-            return
-        now = time.monotonic()
-        for kind, (since, suppressed) in list(self._logged.items()):
-            if now - since < _LOG_EVERY and not force:
-                continue
-            if suppressed:
-                log.warning(
-                    "bus %s: rejected %d more message(s) of kind %s in the last %.0fs",
-                    self.bus,
-                    suppressed,
-                    kind,
-                    now - since,
-                )
-                self._logged[kind] = (now, 0)
-            else:
-                del self._logged[kind]  # quiet for a whole period: the next one is logged
+        """Say how many rejections were left out of the log, once per LOG_EVERY."""
+        self._rejections.summary(force)
 
     # -- reporting ---------------------------------------------------------------
     def _heartbeat(self, sub: Subscription) -> None:
@@ -569,105 +523,18 @@ class Listener:
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         """This process's part of ``sqla-rebalance status`` (JSON-able)."""
-        now = time.time() if now is None else now
-        pools = []
-        for pool, member in self.pools():
-            stats = pool.stats()
-            retired = sum(stats.retirements.values())
-            member.samples.append((now, stats.connects, retired))
-            while len(member.samples) > 1 and now - member.samples[0][0] > 60.0:
-                member.samples.popleft()
-            t0, c0, r0 = member.samples[0]
-            minutes = max((now - t0) / 60.0, 1e-9)
-            pools.append(
-                {
-                    "pool": pool.pool_name,
-                    "open": stats.open,
-                    "idle": stats.idle,
-                    "in_use": stats.in_use,
-                    "pool_size": stats.pool_size,
-                    "connects": stats.connects,
-                    "checkouts_waited": stats.checkouts_waited,
-                    "retirements": {k: v for k, v in stats.retirements.items() if v},
-                    "churn_per_min": {
-                        "connects": round((stats.connects - c0) / minutes, 1) if now > t0 else 0.0,
-                        "retirements": round((retired - r0) / minutes, 1) if now > t0 else 0.0,
-                    },
-                    "generation": member.settled,
-                    "commands_applied": member.applied,
-                    "commands_pending": len(member.pending.commands) if member.pending else 0,
-                    "hosts": {
-                        key: {
-                            "open": h.open,
-                            "idle": h.idle,
-                            "in_use": h.in_use,
-                            "health": h.health,
-                            "role": h.role,
-                        }
-                        for key, h in stats.hosts.items()
-                    },
-                }
-            )
-        return {
-            "v": 1,
-            "process": self.ident,
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": self.created_at,
-            "ts": now,
-            "generation": self.applied,
-            "accepted": self.accepted,
-            "rejected": sum(self.rejected.values()),
-            "pools": pools,
-        }
+        return status_payload(self, time.time() if now is None else now)
 
     def stats_for(self, pool: RebalancingQueuePool) -> BusStats:
-        member = self._members.get(id(pool))
-        mine = member if member is not None and member.ref() is pool else None
-        return BusStats(
-            generation_applied=self.applied,
-            messages_accepted=self.accepted,
-            messages_rejected=sum(self.rejected.values()),
-            rejected={k: v for k, v in self.rejected.items() if v},
-            duplicates=self.duplicates,
-            connected=self.connected,
-            url=self.bus.display_url,
-            channel=self.bus.channel,
-            reconnects=max(0, self.connects - 1),
-            commands_applied=mine.applied if mine else 0,
-            commands_coalesced=mine.coalesced if mine else 0,
-            commands_pending=len(mine.pending.commands) if mine and mine.pending else 0,
-            last_error=self.last_error,
-            process=self.ident,
-        )
+        """The bus figures of ``pool.stats()``."""
+        return bus_stats(self, pool)
 
 
-def _issued_before(raw: bytes, floor: float) -> bool:
-    """True if ``raw`` says it was issued before ``floor``: unverified, so only used
-    to decide whether a rejected log entry is counted (history is not)."""
-    if len(raw) > MAX_BYTES:
-        return False
-    try:
-        issued = json.loads(raw).get("issued_at")
-    except (ValueError, AttributeError, RecursionError):
-        return False
-    return isinstance(issued, (int, float)) and not isinstance(issued, bool) and issued < floor
-
-
-# -- the registry: one listener per bus (and secret) per process -----------------
-_registry: dict[tuple[str, str], Listener] = {}
-_registry_lock = threading.Lock()
-
-
-def _key(bus: Bus, secret: bytes | None) -> tuple[str, str]:
-    digest = hashlib.sha256(secret).hexdigest()[:16] if secret else ""
-    return (bus.key, digest)
-
-
+# -- one listener per bus (and secret) per process (the registry: .registry) -----
 def attach(pool: RebalancingQueuePool, bus: Bus, secret: bytes | None) -> Listener:
     """Have ``pool`` receive the commands of ``bus``; start the listener if needed."""
-    key = _key(bus, secret)
-    with _registry_lock:
+    key = registry.key(bus, secret)
+    with registry.lock():
         listener = _registry.get(key)
         if listener is None or listener._stopped:
             listener = _registry[key] = Listener(bus, secret, key)
@@ -676,27 +543,10 @@ def attach(pool: RebalancingQueuePool, bus: Bus, secret: bytes | None) -> Listen
 
 
 def detach(pool: RebalancingQueuePool, listener: Listener) -> None:
-    with _registry_lock:
+    with registry.lock():
         listener._remove(pool)
 
 
 def listener_for(bus: Bus, secret: bytes | None) -> Listener | None:
     """The running listener of ``bus`` in this process, if any (for tests and status)."""
-    return _registry.get(_key(bus, secret))
-
-
-#: Listeners inherited from the parent process: never used, never closed
-#: (closing a PostgreSQL connection would end the parent's session).
-_INHERITED: list[object] = []
-
-
-def _after_fork_in_child() -> None:
-    global _registry, _registry_lock, _process_token
-    _INHERITED.append(_registry)
-    _registry = {}
-    _registry_lock = threading.Lock()
-    _process_token = os.urandom(4).hex()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    return _registry.get(registry.key(bus, secret))

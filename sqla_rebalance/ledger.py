@@ -207,19 +207,29 @@ class Ledger:
         self, keys: set[str] | None, spread: float, reason: str, before: float, now: float
     ) -> int:
         """Set a retirement moment in ``[now, now + spread]`` on each connection
-        (of ``keys``) opened by ``before`` and not pinned; return how many."""
-        marked = 0
-        for state in list(self.states.values()):
-            if state.closed or state.pinned or state.connected_at > before:
-                continue
-            if keys is not None and state.host not in keys:
-                continue
-            at = now + random.uniform(0.0, spread) if spread > 0 else now
+        (of ``keys``) opened by ``before`` and not pinned; return how many.
+
+        The moments are stratified: the ``n`` connections, in random order,
+        get one each of ``n`` equal slices of the spread, at a random point in
+        it. Each moment is still uniform over the spread, but the pool's
+        reconnects come evenly (at most about one per ``spread / n``), not in
+        the clumps of independent draws: summed over a fleet, a rollout's rate
+        stays near ``connections / spread`` in every second.
+        """
+        chosen = [
+            state
+            for state in list(self.states.values())
+            if not (state.closed or state.pinned or state.connected_at > before)
+            and (keys is None or state.host in keys)
+        ]
+        random.shuffle(chosen)
+        step = spread / len(chosen) if chosen and spread > 0 else 0.0
+        for k, state in enumerate(chosen):
+            at = now + (k + random.random()) * step if step else now
             if state.retire_at is None or at < state.retire_at:  # rule 7
                 state.retire_at = at
                 state.retire_reason = reason
-            marked += 1
-        return marked
+        return len(chosen)
 
     def _leaving(self) -> set[int]:
         """``id()`` of the states marked to retire at checkin."""

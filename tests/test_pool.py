@@ -186,6 +186,8 @@ def test_recycle_is_graceful_and_spread(clock, engine_factory):
     retire_at = sorted(s.retire_at for s in pool._ledger.states.values())
     assert retire_at[0] >= clock.now and retire_at[-1] <= clock.now + 10
     assert len(set(retire_at)) == 4  # spread, not all at once
+    # Stratified: one moment in each quarter of the spread.
+    assert sorted(int((t - clock.now) // 2.5) for t in retire_at) == [0, 1, 2, 3]
 
     clock.advance(10)
     pool._maintenance.maintain()

@@ -145,11 +145,19 @@ def test_checkout_fails_over_inside_the_checkout(engines, pg_cluster):
         stats = engine.pool.stats()
         assert stats.hosts[dead_key(pg_cluster, 1)].open == 0
         assert stats.connect_failures >= 1
-        assert sorted(h.open for k, h in stats.hosts.items() if k != dead_key(pg_cluster, 1)) == [
-            4,
-            4,
-            4,
-        ]
+        # Evenly spread once settled: a rebalance requested by the host change may
+        # have opened a spare during the fill, whose old connection closes after
+        # its checkin (never while in use).
+        wait_for(
+            lambda: (
+                sorted(
+                    h.open
+                    for k, h in engine.pool.stats().hosts.items()
+                    if k != dead_key(pg_cluster, 1)
+                )
+                == [4, 4, 4]
+            )
+        )
         wait_for(lambda: engine.pool.stats().hosts[dead_key(pg_cluster, 1)].health == "down")
         assert dead_key(pg_cluster, 1) in downs
     finally:

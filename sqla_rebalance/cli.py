@@ -137,8 +137,16 @@ def _bus_commands(sub: Any) -> None:
             p.add_argument(
                 "--spread",
                 type=_number(check_spread),
-                default=0.0,
+                default=None,
                 help="seconds over which each process spreads its reconnects (default 0)",
+            )
+            p.add_argument(
+                "--rate",
+                type=_number(commands.check_rate),
+                default=None,
+                metavar="PER_SECOND",
+                help="instead of --spread: at most this many new connections per second to "
+                "each database host, fleet-wide (the spread is computed from fleet status)",
             )
         p.add_argument(
             "--secret-env",
@@ -196,6 +204,7 @@ def _bus_command(args: argparse.Namespace) -> int:
             pools=(args.pool,),
             host=getattr(args, "host", None),
             spread=getattr(args, "spread", None),
+            rate=getattr(args, "rate", None),
             wait=args.wait,
             unsigned=args.unsigned,
             as_json=args.json,

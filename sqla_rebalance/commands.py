@@ -23,6 +23,7 @@ Exit statuses (:data:`EXIT_STATUSES`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from .bus import (
     wait_for,
 )
 from .bus.base import redact
-from .bus.message import ACTIONS, new_command
+from .bus.message import ACTIONS, MAX_SPREAD, new_command
 from .bus.report import (
     check_spread,
     check_wait,
@@ -60,6 +61,7 @@ __all__ = [
     "EXIT_STATUSES",
     "FLASK",
     "INCOMPLETE",
+    "MAX_RATE",
     "OK",
     "USAGE",
     "CommandFailure",
@@ -67,6 +69,8 @@ __all__ = [
     "Request",
     "Target",
     "bus_display",
+    "check_rate",
+    "rate_spread",
     "request",
     "send",
     "status",
@@ -112,6 +116,9 @@ class Request:
     pools: tuple[str, ...] = ()
     host: str | None = None
     spread: float = 0.0
+    #: ``recycle`` only: new connections per second allowed to each database host,
+    #: fleet-wide; the spread is then computed from fleet status (:func:`rate_spread`).
+    rate: float | None = None
     #: Seconds to wait for the fleet to apply it; None: do not wait.
     wait: float | None = None
     unsigned: bool = False
@@ -127,6 +134,7 @@ def request(
     wait: Any = None,
     unsigned: bool = False,
     as_json: bool = False,
+    rate: Any = None,
 ) -> Request:
     """Check the values of a command, as typed (text) or as numbers.
 
@@ -138,7 +146,7 @@ def request(
     if action not in ACTIONS:
         raise CommandFailure(f"unknown command {action!r}: one of {', '.join(ACTIONS)}")
     if action != "recycle":
-        for name, value in (("host", host), ("spread", spread)):
+        for name, value in (("host", host), ("spread", spread), ("rate", rate)):
             if value is not None:
                 raise CommandFailure(f"--{name} applies to recycle only")
     if isinstance(pools, str):
@@ -146,8 +154,11 @@ def request(
     try:
         seconds = None if wait is None else check_wait(wait)
         spread_s = 0.0 if spread is None else check_spread(spread)
+        rate_n = None if rate is None else check_rate(rate)
     except ValueError as err:
         raise CommandFailure(str(err)) from None
+    if rate_n is not None and spread is not None:
+        raise CommandFailure("--rate and --spread exclude each other: --rate computes the spread")
     return Request(
         action,
         pools=tuple(pools),
@@ -156,7 +167,64 @@ def request(
         wait=seconds,
         unsigned=bool(unsigned),
         as_json=bool(as_json),
+        rate=rate_n,
     )
+
+
+#: The highest ``--rate`` (new connections per second per host) accepted.
+MAX_RATE = 1_000_000.0
+
+
+def check_rate(value: Any) -> float:
+    """``--rate``: a finite number of new connections per second, above 0 (ValueError)."""
+    if isinstance(value, bool):
+        raise ValueError(f"--rate must be a number of connections per second, got {value!r}")
+    try:
+        rate = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(
+            f"--rate must be a number of connections per second, got {str(value)[:40]!r}"
+        ) from None
+    if not 0.0 < rate <= MAX_RATE:  # refuses nan too
+        raise ValueError(f"--rate must be above 0 and at most {MAX_RATE:g} per second, got {rate}")
+    return rate
+
+
+def rate_spread(
+    processes: Sequence[ProcessStatus], patterns: Sequence[str], host: str | None, rate: float
+) -> tuple[float, int, str | None]:
+    """The spread that keeps a fleet's reconnects to each database host at or under
+    ``rate`` per second: the busiest host's open connections (summed over every
+    process's pools matching one of ``patterns``, from their heartbeats) divided by
+    ``rate``. Pools whose heartbeat names no host count as one host together (the
+    cautious reading). Returns ``(spread, connections on that host, the host)``.
+
+    Each pool spreads its share evenly over the spread (``recycle`` stratifies its
+    moments), so the fleet's rate stays near the budget in every second.
+    """
+    probes = [new_command("recycle", pool=pattern) for pattern in patterns]
+    per_host: dict[str, int] = {}
+    for proc in processes:
+        for pool in proc.pools:  # each a dict: parse_heartbeat refused the rest
+            name = str(pool.get("pool", ""))
+            if not any(probe.matches(name) for probe in probes):
+                continue
+            hosts = pool.get("hosts")
+            if isinstance(hosts, dict) and hosts:
+                for key, figures in hosts.items():
+                    if host is not None and not (key == host or key.startswith(f"{host}:")):
+                        continue
+                    n = figures.get("open") if isinstance(figures, dict) else None
+                    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                        per_host[str(key)] = per_host.get(str(key), 0) + n
+            elif host is None:
+                n = pool.get("open")
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                    per_host["(unnamed)"] = per_host.get("(unnamed)", 0) + n
+    if not per_host:
+        return 0.0, 0, None
+    busiest = max(per_host, key=lambda k: per_host[k])
+    return per_host[busiest] / rate, per_host[busiest], busiest
 
 
 def bus_display(bus: str | Bus) -> str:
@@ -316,6 +384,35 @@ def _plan(req: Request, targets: Sequence[Target]) -> list[tuple[Target, Bus, st
     return plan
 
 
+def _with_rate_spread(
+    req: Request, plan: list[tuple[Target, Bus, str]], layout: Layout, out: Echo
+) -> Request:
+    """``req`` with the spread that holds ``req.rate`` (see :func:`rate_spread`), read
+    from the status of every bus of the plan; nothing is published yet."""
+    assert req.rate is not None
+    processes: list[ProcessStatus] = []
+    for target, bus in {id(b): (t, b) for t, b, _ in plan}.values():
+        try:
+            processes += read_fleet(bus).processes
+        except BusUnavailableError as err:
+            raise CommandFailure(
+                f"cannot read status{layout.on(target, 'from')}: {err}", BUS_ERROR
+            ) from None
+    patterns = sorted({pool for _, _, pool in plan})  # pools that may share hosts: summed
+    spread, connections, busiest = rate_spread(processes, patterns, req.host, req.rate)
+    if spread > MAX_SPREAD:
+        raise CommandFailure(
+            f"--rate {req.rate:g}/s: {connections} connections on {busiest} would take "
+            f"{spread:.0f}s, over a day; raise --rate"
+        )
+    if not req.as_json:
+        out(
+            f"rate {req.rate:g}/s per host: {connections} open connections on the busiest "
+            f"host ({busiest or 'none'}): spread {spread:.1f}s"
+        )
+    return dataclasses.replace(req, spread=spread)
+
+
 def send(req: Request, targets: Sequence[Target], layout: Layout, out: Echo) -> int:
     """Publish ``req`` on every target (one command per pool), wait if asked,
     print what happened; return :data:`OK` or :data:`INCOMPLETE`.
@@ -325,6 +422,8 @@ def send(req: Request, targets: Sequence[Target], layout: Layout, out: Echo) -> 
     covers every command.
     """
     plan = _plan(req, targets)
+    if req.rate is not None:
+        req = _with_rate_spread(req, plan, layout, out)
     done: list[tuple[Target, Bus, str, Sent]] = []
     for target, bus, pool in plan:
         try:

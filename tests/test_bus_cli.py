@@ -302,3 +302,79 @@ def test_status_layouts(engine, bus, capsys):
     assert core.status([target], (), core.DJANGO, print, print) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == f"bus {bus}: 1 live process(es)" and text[1].startswith("  ")
+
+
+def test_recycle_at_a_rate_spreads_over_connections_divided_by_rate(
+    engine, bus, monkeypatch, capsys
+):
+    # Two open connections (min_size=2) on the busiest host, 4 per second: 0.5 s.
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    wait_for(lambda: _open_in_status(bus) == 2)
+    assert main(["recycle", "--bus", bus, "--pool", "orders", "--rate", "4", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "rate 4/s per host: 2 open connections on the busiest host" in out
+    assert "spread 0.5s" in out and "recycle pool=orders spread=0.5s" in out
+    wait_for(lambda: engine.pool.stats().retirements["signal"] == 2)
+
+
+def _open_in_status(bus: str) -> int:
+    return sum(p.get("open", 0) for proc in fleet_status(bus) for p in proc.pools)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--rate", "0"],
+        ["--rate", "-3"],
+        ["--rate", "nan"],
+        ["--rate", "inf"],
+        ["--rate", "lots"],
+        ["--rate", "5", "--spread", "3"],
+    ],
+)
+def test_bad_rates_are_usage_errors_before_anything_is_published(bus, argv, monkeypatch, capsys):
+    monkeypatch.setenv("SQLA_REBALANCE_SECRET", SECRET)
+    try:
+        code = main(["recycle", "--bus", bus, *argv])
+    except SystemExit as exited:  # argparse's own usage error
+        code = exited.code
+    assert code == 2
+    assert open_bus(bus).generation() == 0
+
+
+def test_rate_spread_budgets_the_busiest_host_over_the_fleet():
+    from sqla_rebalance.bus import ProcessStatus
+
+    def proc(name: str, pools: list[dict]) -> ProcessStatus:
+        return ProcessStatus(process=name, hostname="h", pid=1, generation=0, age=0, pools=pools)
+
+    fleet = [
+        proc(
+            "a",
+            [
+                {
+                    "pool": "orders",
+                    "open": 9,
+                    "hosts": {"db1:5432": {"open": 6}, "db2:5432": {"open": 3}},
+                }
+            ],
+        ),
+        proc(
+            "b",
+            [
+                {
+                    "pool": "orders",
+                    "open": 6,
+                    "hosts": {"db1:5432": {"open": 4}, "db2:5432": {"open": 2}},
+                }
+            ],
+        ),
+        proc("c", [{"pool": "reports", "open": 50, "hosts": {"db1:5432": {"open": 50}}}]),
+        proc("d", [{"pool": "orders", "open": 7}]),  # one host, not named
+    ]
+    assert core.rate_spread(fleet, ["orders"], None, 5.0) == (2.0, 10, "db1:5432")
+    assert core.rate_spread(fleet, ["orders", "reports"], None, 10.0) == (6.0, 60, "db1:5432")
+    assert core.rate_spread(fleet, ["orders"], "db2", 1.0) == (5.0, 5, "db2:5432")
+    assert core.rate_spread(fleet, ["nothing"], None, 1.0) == (0.0, 0, None)
+    with pytest.raises(core.CommandFailure):
+        core.request("rebalance", rate=3)

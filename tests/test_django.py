@@ -754,13 +754,16 @@ def test_manage_py_needs_the_secret_unless_unsigned(project, monkeypatch):
         ["recycle", "--spread", "inf"],
         ["recycle", "--spread", "-1"],
         ["recycle", "--wait", "5", "--spread", "nan"],
+        ["recycle", "--rate", "nan"],
+        ["recycle", "--rate", "-2"],
+        ["recycle", "--rate", "5", "--spread", "2"],
     ],
 )
 def test_bad_numbers_are_usage_errors_and_publish_nothing(project, args):
     """Issue 11: ``--wait nan`` published, then failed with a traceback in ``wait_for``."""
     bus = open_bus(project["DJTEST_BUS"])
     before = bus.generation()
-    with pytest.raises(CommandError, match=r"^--(wait|spread) must be") as err:
+    with pytest.raises(CommandError, match=r"^--(wait|spread|rate)( must be| and --spread)") as err:
         call_command("sqla_rebalance", *args)
     assert err.value.returncode == 2
     assert bus.generation() == before

@@ -768,6 +768,9 @@ def test_cli_signs_with_the_env_secret_and_refuses_to_send_unsigned_unasked(
         (["recycle", "--spread", "inf"], "--spread"),
         (["recycle", "--spread", "-1"], "--spread"),
         (["recycle", "--wait", "1", "--spread", "nan"], "--spread"),
+        (["recycle", "--rate", "nan"], "--rate"),
+        (["recycle", "--rate", "0"], "--rate"),
+        (["recycle", "--rate", "5", "--spread", "2"], "--rate and --spread exclude each other"),
     ],
 )
 def test_bad_numbers_are_usage_errors_and_publish_nothing(apps, tmp_path, args, message):
@@ -781,7 +784,7 @@ def test_bad_numbers_are_usage_errors_and_publish_nothing(apps, tmp_path, args, 
     result = invoke(app, *args)
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # not a traceback
-    if message.startswith("--"):
+    if message in ("--wait", "--spread", "--rate"):
         assert f"Invalid value for '{message}': {message} must be" in result.stderr
     else:
         assert message in result.stderr

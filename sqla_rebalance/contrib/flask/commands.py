@@ -132,10 +132,21 @@ def _action_command(action: str) -> click.Command:
                 "--spread",
                 type=click.STRING,
                 callback=_seconds(check_spread),
-                default="0",
+                default=None,
                 metavar="SECONDS",
-                show_default=True,
-                help="seconds over which each process spreads its reconnects (0 to 86400)",
+                help="seconds over which each process spreads its reconnects (0 to 86400; "
+                "default 0)",
+            )
+        )
+        options.append(
+            click.option(
+                "--rate",
+                type=click.STRING,
+                callback=_seconds(core.check_rate),
+                default=None,
+                metavar="PER_SECOND",
+                help="instead of --spread: at most this many new connections per second to "
+                "each database host, fleet-wide (the spread is computed from fleet status)",
             )
         )
     options += [

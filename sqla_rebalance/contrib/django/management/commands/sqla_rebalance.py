@@ -67,6 +67,13 @@ class Command(BaseCommand):  # type: ignore[misc]
             "(default 0, at most 86400)",
         )
         parser.add_argument(
+            "--rate",
+            default=None,
+            metavar="PER_SECOND",
+            help="recycle, instead of --spread: at most this many new connections per second "
+            "to each database host, fleet-wide (the spread is computed from fleet status)",
+        )
+        parser.add_argument(
             "--wait",
             nargs="?",
             const=30.0,
@@ -106,7 +113,7 @@ class Command(BaseCommand):  # type: ignore[misc]
     def _handle(self, options: dict[str, Any]) -> None:
         action = options["action"]
         if action == STATUS:
-            for name in ("host", "spread", "wait", "unsigned"):
+            for name in ("host", "spread", "rate", "wait", "unsigned"):
                 if options[name] not in (None, False):
                     raise core.CommandFailure(f"--{name} does not apply to status")
             targets = self._targets(options)
@@ -128,6 +135,7 @@ class Command(BaseCommand):  # type: ignore[misc]
             pools=(options["pool"],),
             host=options["host"],
             spread=options["spread"],
+            rate=options.get("rate"),
             wait=options["wait"],
             unsigned=options["unsigned"],
             as_json=options["json"],

@@ -14,6 +14,16 @@ from ._process import _StandaloneServer
 REDIS_PORT_ENV = "SQLA_REBALANCE_REDIS_PORT"
 
 
+def _answers_ping(host: str, port: int) -> bool:
+    """Does a Redis (or a sentinel) at ``host:port`` answer PING, within a second?"""
+    try:
+        with socket.create_connection((host, port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def _redis_account() -> pwd.struct_passwd | None:
     return _account("redis", "Redis", install_hint("redis-server"))
 
@@ -65,12 +75,7 @@ class RedisServer(_StandaloneServer):
 
     def _ready(self) -> bool:
         """True once the server answers PING."""
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+        return _answers_ping(self.host, self.port)
 
 
 class RedisSentinel(_StandaloneServer):
@@ -129,9 +134,4 @@ class RedisSentinel(_StandaloneServer):
 
     def _ready(self) -> bool:
         """True once the sentinel answers PING."""
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+        return _answers_ping(self.host, self.port)

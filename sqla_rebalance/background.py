@@ -16,6 +16,13 @@ The :class:`Schedule` fields are written without a lock:
   garbage-collector callback too), cleared when a pass starts. A pass that
   ends while it is set leaves ``next_due`` at 0 instead of its own plan, so
   a request made during a pass is never lost.
+- ``dirty``: set with ``wake``, cleared by the pass when it starts a full
+  scan of the pool's connections. A pass that finds it clear and nothing of
+  its own plan due does only what is due for the hosts (health checks): the
+  pass costs what is due, not what the pool holds.
+
+Every write of ``next_due`` is followed by a poke of the worker naming the
+pool (``key``), so that the worker's heap of due times stays exact.
 """
 
 from __future__ import annotations
@@ -87,17 +94,30 @@ class _Opening:
 class Schedule:
     """When a pool's next pass is due: what the worker reads (see above)."""
 
-    __slots__ = ("next_due", "wake")
+    __slots__ = ("dirty", "key", "next_due", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, key: int = 0) -> None:
+        #: The pool's key for the worker (its ``id()``).
+        self.key = key
         self.next_due = 0.0
         self.wake = False
+        self.dirty = True
 
     def request(self) -> None:
-        """Ask for a pass now (safe from any thread and GC callbacks)."""
+        """Ask for a full pass now (safe from any thread and GC callbacks)."""
         self.wake = True
+        self.dirty = True
         self.next_due = 0.0
-        get_worker().poke()
+        get_worker().poke(self.key)
+
+    def no_later_than(self, when: float) -> None:
+        """A full pass is needed by ``when`` (a connection opened outside a
+        pass, due before the pass planned to run)."""
+        if when < self.next_due:
+            self.dirty = True
+            self.wake = True  # a pass running now planned without it
+            self.next_due = when
+            get_worker().poke(self.key)
 
 
 class Background:
@@ -175,7 +195,7 @@ class Background:
             finally:
                 schedule.next_due = 0.0 if schedule.wake else next_due
                 self._async_inflight = False
-                get_worker().poke()
+                get_worker().poke(schedule.key)
 
         try:
             asyncio.run_coroutine_threadsafe(run(), loop)
@@ -195,7 +215,7 @@ class Background:
         finally:
             schedule.next_due = 0.0 if schedule.wake else next_due
             self._pass_inflight = False
-            get_worker().poke()
+            get_worker().poke(schedule.key)
 
     # -- who is connecting ------------------------------------------------------------
     def _token(self) -> object:
@@ -315,4 +335,4 @@ class Background:
         self._async_tasks = set()
         self._async_inflight = False
         self.loop = None
-        self.schedule.next_due = 0.0
+        self.schedule.next_due = 0.0  # the child's worker reads every pool at its start

@@ -98,7 +98,7 @@ from sqlalchemy import event
 
 from . import _sa, clock, signals
 from .checks import abandon_if_unhealthy
-from .lifetime import INFO_KEY, ConnState, draw_lifetime, state_of
+from .lifetime import INFO_KEY, ConnState, draw_lifetime, replacement_lead, state_of
 from .stats import DISPOSE, ERROR, HOST_DOWN, IDLE, LIFETIME, OVERFLOW, Counters
 
 if TYPE_CHECKING:
@@ -128,6 +128,7 @@ class Ledger:
         recycle: float,
         recycle_jitter: float,
         wake: Callable[[], None],
+        due_by: Callable[[float], None] | None = None,
     ) -> None:
         self._pool = pool
         self._counters = counters
@@ -135,6 +136,11 @@ class Ledger:
         self._jitter = recycle_jitter
         #: Requests a maintenance pass (safe from any thread and GC callbacks).
         self._wake = wake
+        #: Asks for a pass no later than a time (``Schedule.no_later_than``).
+        self._due_by = due_by
+        #: How long before its end a connection's replacement may be planned
+        #: (the replacement lead, a batch, and a second for connects queued before it).
+        self._plan_ahead = (replacement_lead(recycle) + 1.5) if recycle > 0 else 0.0
         self.states: dict[ConnectionPoolEntry, ConnState] = {}
         self.doomed: dict[ConnectionPoolEntry, tuple[str, ConnState | None]] = {}
         self.spares: list[ConnectionPoolEntry] = []
@@ -175,6 +181,10 @@ class Ledger:
 
     def add(self, rec: ConnectionPoolEntry, state: ConnState) -> None:
         self.states[rec] = state
+        # Opened by a checkout, it may come due before the pass planned to
+        # look again (a pass plans the ones it opens itself).
+        if state.ends_at is not None and self._due_by is not None:
+            self._due_by(state.ends_at - self._plan_ahead)
 
     # -- checkin: the only hot-path code ------------------------------------------
     def retire_at_checkin(self, record: ConnectionPoolEntry) -> None:
@@ -399,6 +409,10 @@ class Ledger:
         if self.states.get(rec) is state:
             del self.states[rec]
         reason = state.reason
+        if (reason is None or reason == ERROR) and not (self.disposing or self.disposed):
+            # Not closed by the pool itself (an overflow at checkin, a reconnect
+            # at checkout): min_size may want a refill, a mark its clean-up.
+            self._wake()
         if reason is None:
             if self.disposing:
                 reason = DISPOSE
@@ -486,8 +500,21 @@ def _on_close(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
 
 def _on_invalidate(dbapi_connection: Any, rec: ConnectionPoolEntry, exception: Any) -> None:
     state = state_of(rec)
-    if state is not None and state.reason is None:
-        state.reason = ERROR
+    if state is not None:
+        if state.reason is None:
+            state.reason = ERROR
+        ledger = state.ledger_ref()
+        if ledger is not None:
+            # Idle connections invalidated with it (a disconnect error invalidates
+            # every older one) are replaced now, not inside the next checkouts.
+            ledger._wake()
+
+
+def _on_soft_invalidate(dbapi_connection: Any, rec: ConnectionPoolEntry, exception: Any) -> None:
+    state = state_of(rec)
+    ledger = state.ledger_ref() if state is not None else None
+    if ledger is not None:
+        ledger._wake()
 
 
 def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
@@ -507,5 +534,6 @@ def _on_detach(dbapi_connection: Any, rec: ConnectionPoolEntry) -> None:
 _BOOKKEEPING: tuple[tuple[str, Callable[..., None]], ...] = (
     ("close", _on_close),
     ("invalidate", _on_invalidate),
+    ("soft_invalidate", _on_soft_invalidate),
     ("detach", _on_detach),
 )

@@ -15,6 +15,14 @@ greenlet in its event loop, see ``background.py``), one pass at a time. In order
 4. open connections up to ``min_size``; close those idle past ``max_idle``;
 5. compute when the next pass is due.
 
+What a pass costs follows what is due. Steps 1 to 4 scan the pool's
+connections only when the pass was asked for (a checkin handing a connection
+over, an invalidation, a recycle, a connection opened by a checkout: each
+requests one) or its own plan came due; otherwise (a health check due, say)
+the pass does only step 0. A pool with nothing due is not looked at for
+:data:`IDLE_PASS` seconds. Lifetime replacements due within :data:`BATCH`
+seconds of each other are made in one pass.
+
 The pass is the writer of the ledger's structures that the ledger's
 docstring calls "the pass"; the rules it follows are listed there.
 """
@@ -26,8 +34,9 @@ from typing import TYPE_CHECKING
 from . import _sa, clock, signals
 from .checks import HostChecks
 from .hosts import Changes
+from .ledger import FRESH_MAX_AGE
 from .lifetime import ConnState, replacement_lead, schedule_replacements, state_of
-from .stats import DISPOSE, ERROR, IDLE, SIGNAL
+from .stats import DISPOSE, ERROR, IDLE, LIFETIME, SIGNAL
 from .worker import MAX_SLEEP, get_worker
 
 if TYPE_CHECKING:
@@ -40,7 +49,17 @@ if TYPE_CHECKING:
     from .pool import RebalancingQueuePool
     from .steering import Report, Steering
 
-__all__ = ["Maintenance"]
+__all__ = ["BATCH", "IDLE_PASS", "Maintenance"]
+
+#: A pool with nothing due is looked at this often anyway (seconds): a safety
+#: net for a change nothing announced, not a schedule.
+IDLE_PASS = 30.0
+
+#: Lifetime replacements due within this many seconds are made in one pass
+#: (each is drawn at random below ``pool_recycle``: a little early is harmless).
+#: Retirements asked for (recycle, rebalance) keep their own moments: a
+#: rollout's rate depends on them.
+BATCH = 0.5
 
 
 def _checked_in(rec: ConnectionPoolEntry) -> bool:
@@ -76,6 +95,10 @@ class Maintenance:
         self.drained = False
         self.drain_requested = False
         self.rebalance_requested = False
+        #: When the last full scan planned the next one (``clock.now()``).
+        self.scan_due = 0.0
+        #: Full scans of the connections made (for the benchmarks).
+        self.scans = 0
 
     # -- from other threads -------------------------------------------------------------
     def connected(self, took: float) -> None:
@@ -161,8 +184,8 @@ class Maintenance:
             ledger.disposing = False
 
     def maintain_pass(self, now: float) -> float:
-        retired: dict[str, int] = {}
         hostset = self.steering.hostset
+        schedule = self.background.schedule
 
         # 0. Hosts: health checks, then move connections if hosts changed.
         if hostset is not None and hostset.seeded:
@@ -170,12 +193,18 @@ class Maintenance:
             if self.rebalance_requested:
                 self.rebalance_requested = False
                 self.mark_moves(now)
+        ledger = self.ledger
+        if not schedule.dirty and now < self.scan_due and not ledger.retiring:
+            # Nothing asked for and nothing of the plan due: the hosts only.
+            return min(self.scan_due, self._hosts_due(now, hostset))
+        schedule.dirty = False
+        self.scans += 1
+        retired: dict[str, int] = {}
         if self.drain_requested:
             self.drain_requested = False
             self._drain_now(retired)
 
         # 1. Connections handed over by checkin.
-        ledger = self.ledger
         while ledger.retiring:
             rec, reason, slot_empty = ledger.retiring.popleft()
             self._close(rec, reason)
@@ -192,7 +221,13 @@ class Maintenance:
         self._shrink_idle(now, retired)
 
         # 5. When the next pass is due.
-        next_due = min(next_due, self._next_due(now, hostset))
+        next_due = min(next_due, self._next_due(now))
+        if self.background.retry_at > now:  # a background connect failed: try again then
+            next_due = min(next_due, self.background.retry_at)
+        if ledger.fresh:  # late connects: used or closed by FRESH_MAX_AGE
+            next_due = min(next_due, now + FRESH_MAX_AGE)
+        self.scan_due = next_due
+        next_due = min(next_due, self._hosts_due(now, hostset))
         if (
             self.drained
             and not ledger.states
@@ -217,7 +252,7 @@ class Maintenance:
     ) -> tuple[float, list[tuple[ConnectionPoolEntry, ConnState, str]]]:
         """Replace the idle connections that are invalidated or due; return when
         to come back, and the due connections in use."""
-        next_due = now + MAX_SLEEP
+        next_due = now + IDLE_PASS
         ledger = self.ledger
         idle = _sa.idle_records(self._pool)
         for rec in idle:
@@ -257,7 +292,7 @@ class Maintenance:
             if due is None:
                 continue
             at, reason = due
-            if at > now:  # step 5 schedules it
+            if at > now + (BATCH if reason == LIFETIME else 0.0):  # step 5 schedules it
                 continue
             if rec in spares:
                 # A spare that waited past its own deadline: step 3 opens a
@@ -286,7 +321,7 @@ class Maintenance:
     ) -> float:
         """Open a spare for each due connection in use, then mark it, so that
         its checkin never leaves the pool a slot short; return when to come back."""
-        next_due = now + MAX_SLEEP
+        next_due = now + IDLE_PASS
         ledger = self.ledger
         for rec, state, reason in due_in_use:
             if len(ledger.spares) <= len(ledger.doomed) and (
@@ -318,24 +353,37 @@ class Maintenance:
         ledger.trim_fresh(now, self.steering.hostset)
         return next_due
 
-    def _next_due(self, now: float, hostset: HostSet | None) -> float:
-        """When the next connection comes due (those opened during this pass
-        too), the next health check, or the next DNS refresh."""
-        next_due = now + MAX_SLEEP
+    def _next_due(self, now: float) -> float:
+        """When the next connection comes due (those opened during this pass too)."""
+        next_due = now + IDLE_PASS
         if self._config.max_idle is not None:
+            # The idle minimum of each window is sampled by the passes.
             next_due = min(next_due, now + min(MAX_SLEEP, self._config.max_idle / 4))
         starts = self.schedule()
+        pinned = False
         for rec, state in list(self.ledger.states.items()):
+            if state.pinned:
+                pinned = True
+                continue
             due = state.due(starts.get(rec))
-            if due is not None and due[0] > now and not state.pinned:
-                next_due = min(next_due, due[0])
-        if hostset is not None and hostset.seeded:
-            next_due = min(
-                next_due,
-                max(now + 0.01, hostset.next_check()),
-                max(now + 0.01, hostset.next_dns_refresh()),
-            )
+            if due is not None:
+                at = due[0] - (BATCH if due[1] == LIFETIME else 0.0)
+                if at > now:
+                    next_due = min(next_due, at)
+        if pinned and self._config.recycle > 0:
+            # Shield pinned connections from SQLAlchemy's own recycle at checkout
+            # (``Ledger.shield`` moves their start time once it is half a recycle old).
+            next_due = min(next_due, now + self._config.recycle / 4)
         return next_due
+
+    def _hosts_due(self, now: float, hostset: HostSet | None) -> float:
+        """The next health check, or the next DNS refresh."""
+        if hostset is None or not hostset.seeded:
+            return now + IDLE_PASS
+        return min(
+            max(now + 0.01, hostset.next_check()),
+            max(now + 0.01, hostset.next_dns_refresh()),
+        )
 
     def _drain_now(self, retired: dict[str, int]) -> None:
         """The work of ``drain()``, in the pass."""

@@ -171,9 +171,16 @@ class RebalancingQueuePool(QueuePool):
             **kw,
         )
         self._counters = Counters()
-        self._schedule = Schedule()
+        self._schedule = Schedule(id(self))
         wake = self._schedule.request
-        self._ledger = Ledger(self, self._counters, cfg.recycle, cfg.recycle_jitter, wake)
+        self._ledger = Ledger(
+            self,
+            self._counters,
+            cfg.recycle,
+            cfg.recycle_jitter,
+            wake,
+            self._schedule.no_later_than,
+        )
         #: The ledger's marks, bound once for the one membership test of a checkin.
         self._doomed = self._ledger.doomed
         creator = _sa.wrap_creator(self, self._connect)  # SQLAlchemy's, for probes
@@ -268,8 +275,9 @@ class RebalancingQueuePool(QueuePool):
         state = self._ledger.new_state(rec, dbapi_connection, host, started)
         self._steering.settle(host_key, rec, state)
         self._counters.connected(background)
-        if not background:
+        if not background and self._maintenance.drained:
             self._maintenance.drained = False  # the application needs connections again
+            self._schedule.request()  # min_size applies again
         self._background.found_loop()
         self._ensure_registered()
         if signals.connection_opened.receivers:

@@ -13,6 +13,13 @@ short callbacks that never block: they mark a network operation that missed
 its deadline (``deadlines.py``). Nothing that waits on the network runs on
 this thread, so a hung host cannot stall another pool.
 
+Its cost follows the work, not the number of pools or connections: one
+heap, on the monotonic scheduling clock, holds each pool's next due time, so
+a wake-up touches only the pools that are due (and those that asked), never
+all of them. A pool tells the worker its due time changed by poking it with
+its key (:meth:`MaintenanceWorker.poke`); a heap entry whose time is no
+longer the pool's is stale and dropped when it comes up.
+
 The inbox is a ``queue.SimpleQueue`` because ``put()`` on it is reentrant:
 it is called from the checkin path, which may run inside a garbage-collector
 callback, where taking a plain ``Lock`` could deadlock.
@@ -38,7 +45,8 @@ __all__ = ["MAX_SLEEP", "MaintenanceWorker", "Timer", "get_worker"]
 
 log = logging.getLogger("sqla_rebalance.worker")
 
-#: The worker looks at every pool at least this often (seconds).
+#: How soon the worker looks again at a pool whose pass it just dispatched,
+#: until that pass says when it is next due (seconds).
 MAX_SLEEP = 1.0
 
 
@@ -74,8 +82,14 @@ class MaintenanceWorker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pools: dict[int, weakref.ref[Maintained]] = {}
-        self._inbox: queue.SimpleQueue[None] = queue.SimpleQueue()
+        #: Keys of pools whose due time changed; None: look at every pool.
+        self._inbox: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: (due time on ``clock.now()``, sequence, pool key): the pools' next passes.
+        #: Only the worker thread touches it and ``_due``.
+        self._heap: list[tuple[float, int, int]] = []
+        #: Pool key -> the due time of its live heap entry (others are stale).
+        self._due: dict[int, float] = {}
         #: (monotonic due time, sequence, timer): deadlines of network operations.
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -125,14 +139,14 @@ class MaintenanceWorker:
             if key not in self._pools:
                 self._pools[key] = self._ref(key, pool)
             self._start_locked()
-        self.poke()
+        self.poke(key)
 
     def unregister(self, pool: Maintained) -> None:
         with self._lock:
             ref = self._pools.get(id(pool))
             if ref is not None and ref() is pool:
                 del self._pools[id(pool)]
-        self.poke()
+        self.poke(id(pool))
 
     def _ref(self, key: int, pool: Maintained) -> weakref.ref[Maintained]:
         def forget(ref: weakref.ref[Maintained]) -> None:
@@ -145,7 +159,7 @@ class MaintenanceWorker:
         # here; dict.pop is atomic, and the loop tolerates a dead ref anyway.
         if self._pools.get(key) is ref:
             self._pools.pop(key, None)
-        self.poke()
+        self.poke(key)
 
     def is_registered(self, pool: Maintained) -> bool:
         ref = self._pools.get(id(pool))
@@ -168,48 +182,92 @@ class MaintenanceWorker:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
-    def poke(self) -> None:
-        """Wake the worker now (safe from any thread and from GC callbacks)."""
-        self._inbox.put(None)
+    def poke(self, key: int | None = None) -> None:
+        """Wake the worker now (safe from any thread and from GC callbacks).
+
+        ``key`` names the pool (its ``id()``) whose due time changed; with
+        none the worker reads every pool's again.
+        """
+        self._inbox.put(key)
 
     # -- the loop -------------------------------------------------------------
     def _run(self) -> None:
         me = threading.current_thread()
+        changed: set[int] = set()
+        everyone = True  # a new thread reads every pool's due time once
         while True:
             with self._lock:
                 if self._thread is not me:  # replaced after fork; never here in practice
                     return
-                refs = list(self._pools.values())
-                if not refs and all(t.cancelled for _when, _seq, t in self._timers):
+                if not self._pools and all(t.cancelled for _when, _seq, t in self._timers):
                     self._timers.clear()
+                    self._heap.clear()
+                    self._due.clear()
                     self._thread = None
                     return
+                if everyone:
+                    changed.update(self._pools)
+            everyone = False
             timers_due = self._run_timers()
-            now = clock.now()
-            wake = now + MAX_SLEEP
-            for ref in refs:
-                pool = ref()
-                if pool is None:
-                    continue
-                if pool._next_due <= now:
-                    try:
-                        pool._run_maintenance()  # dispatches; never blocks
-                    except BaseException:  # the loop must survive any pool's failure
-                        log.exception("maintenance of %r failed", pool)
-                        pool._next_due = clock.now() + MAX_SLEEP
-                wake = min(wake, pool._next_due)
-                del pool  # hold no strong reference while sleeping
+            for key in changed:
+                self._reschedule(key)
+            changed.clear()
+            self._run_due()
             self.passes += 1
+            wake = self._heap[0][0] if self._heap else float("inf")
             timeout = min(wake - clock.now(), timers_due - time.monotonic())
             if timeout > 0:
                 with contextlib.suppress(queue.Empty):
-                    self._inbox.get(timeout=timeout)
-            # Coalesce every poke received meanwhile into this one pass.
+                    item = self._inbox.get(timeout=None if timeout == float("inf") else timeout)
+                    everyone |= item is None
+                    if item is not None:
+                        changed.add(item)
+            # Coalesce every poke received meanwhile into this one wake-up.
             while True:
                 try:
-                    self._inbox.get_nowait()
+                    item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
+                everyone |= item is None
+                if item is not None:
+                    changed.add(item)
+
+    def _pool(self, key: int) -> Maintained | None:
+        ref = self._pools.get(key)
+        return None if ref is None else ref()
+
+    def _push(self, key: int, when: float) -> None:
+        if self._due.get(key) != when:
+            self._due[key] = when
+            heapq.heappush(self._heap, (when, next(self._seq), key))
+
+    def _reschedule(self, key: int) -> None:
+        """Pool ``key`` says its due time changed (or it went away)."""
+        pool = self._pool(key)
+        if pool is None:
+            self._due.pop(key, None)  # its heap entries are stale now
+        else:
+            self._push(key, pool._next_due)
+
+    def _run_due(self) -> None:
+        """Dispatch the passes of the pools that are due; nothing else is looked at."""
+        heap, now = self._heap, clock.now()
+        while heap and heap[0][0] <= now:
+            when, _seq, key = heapq.heappop(heap)
+            if self._due.get(key) != when:
+                continue  # stale: the pool's due time moved since
+            del self._due[key]
+            pool = self._pool(key)
+            if pool is None:
+                continue
+            if pool._next_due <= now:
+                try:
+                    pool._run_maintenance()  # dispatches; never blocks
+                except BaseException:  # the loop must survive any pool's failure
+                    log.exception("maintenance of %r failed", pool)
+                    pool._next_due = clock.now() + MAX_SLEEP
+            self._push(key, pool._next_due)
+            del pool  # hold no strong reference while sleeping
 
 
 _worker = MaintenanceWorker()

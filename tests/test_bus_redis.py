@@ -255,10 +255,11 @@ def test_transactions_in_flight_all_commit_through_recycles(bus, pg_url):
         engine.dispose()
 
 
-def redis_clients(redis_server) -> int:
+def redis_clients(redis_server, name: str = "sqla-rebalance") -> int:
+    """Clients whose name starts with ``name`` (publishers, and ``sqla-rebalance-listener``)."""
     r = redis.Redis(host=redis_server.host, port=redis_server.port)
     try:
-        return sum(1 for c in r.client_list() if c.get("name") == "sqla-rebalance")
+        return sum(1 for c in r.client_list() if c.get("name", "").startswith(name))
     finally:
         r.close()
 
@@ -669,3 +670,309 @@ def test_sentinel_url_parts():
     )
     assert target.sentinel_password == "s"
     assert "p@ss" not in repr(bus) and "p%40ss" not in repr(bus)
+
+
+# -- one connection per listening process (RESP3), and no redundant PINGs ---------------
+LISTENER_NAME = "sqla-rebalance-listener"
+
+
+def tcp_connections(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` to ``port`` (from /proc, whatever
+    their client name: what Redis's maxclients counts)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                remote, state, inode = fields[2], fields[3], fields[9]
+                established = state == "01"
+                if established and int(remote.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                    count += 1
+    return count
+
+
+def listener_ids(r: redis.Redis) -> list[int]:
+    return [int(c["id"]) for c in r.client_list() if c.get("name") == LISTENER_NAME]
+
+
+def command_calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_listening_process_holds_one_redis_connection(redis_server, bus, tmp_path, apps, store):
+    """The whole of a listening process's Redis traffic (commands, catch-up, heartbeats,
+    status) goes over one connection, counted by the kernel, before and after a reconnect."""
+    (app,) = start_apps(1, db=f"sqlite:///{tmp_path}/app.db", bus=bus, pool="p", secret=SECRET)
+    apps.append(app)
+    # Status works: the heartbeats are written over the subscribed connection.
+    poll(lambda: [p.process for p in fleet_status(bus)] == [app.process])
+    assert tcp_connections(app.proc.pid, redis_server.port) == 1
+    (first_id,) = poll(lambda: len(ids := listener_ids(store.r)) == 1 and ids)
+    flags = {c["id"]: c for c in store.r.client_list()}[str(first_id)]
+    assert (flags["resp"], flags["sub"]) == ("3", "1")  # subscribed, and RESP3
+    # A live command.
+    sent = send_command(bus, "recycle", secret=SECRET)
+    assert sent.receivers == 1
+    assert app.wait_event("recycle")["reason"] == "signal"
+    # A missed one: only in the log, then the connection is cut; the listener reconnects
+    # (one connection again) and catches up from the log over it.
+    missed = store.log_only(
+        lambda gen: encode_command("recycle", gen, SECRET.encode(), store.channel)
+    )
+    store.r.client_kill_filter(_id=first_id)
+    poll(lambda: app.stats()["bus"]["generation_applied"] == missed, timeout=20)
+    assert app.count("recycle") == 2
+    poll(lambda: listener_ids(store.r) not in ([], [first_id]))
+    assert tcp_connections(app.proc.pid, redis_server.port) == 1
+    assert app.stats()["bus"]["connected"]
+    result = wait_for(bus, missed, timeout=20)  # status and --wait see it applied
+    assert [p.process for p in result.applied] == [app.process]
+    assert tcp_connections(app.proc.pid, redis_server.port) == 1
+
+
+def encode_command(action: str, gen: int, secret: bytes, channel: str) -> bytes:
+    import dataclasses
+
+    from sqla_rebalance.bus.message import encode, new_command
+
+    return encode(dataclasses.replace(new_command(action), gen=gen), secret, channel=channel)
+
+
+def test_an_idle_listener_sends_no_ping(redis_server, bus, tmp_path, store):
+    """Its heartbeats prove the connection alive: no PING at all over a window longer
+    than redis-py's health-check interval (which made about half the traffic before)."""
+    from sqla_rebalance.bus import redis_bus
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=bus,
+        broadcast_secret=SECRET,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: pool.listener is not None and pool.listener.heartbeats >= 1)
+        listener = pool.listener
+        pings, sets = command_calls(store.r, "ping"), command_calls(store.r, "set")
+        hb = listener.heartbeats
+        window = redis_bus._HEALTH_CHECK_INTERVAL + 2.0
+        time.sleep(window)  # the observation window (nothing is waited for)
+        assert command_calls(store.r, "ping") == pings
+        # The listener was not silent: it kept writing heartbeats over its connection.
+        assert listener.heartbeats > hb
+        assert command_calls(store.r, "set") > sets
+        assert pool.stats().bus.connected and pool.stats().bus.reconnects == 0
+    finally:
+        engine.dispose()
+    assert redis_bus._IDLE_PING_AFTER > listener_module().HEARTBEAT_INTERVAL
+
+
+def listener_module():
+    from sqla_rebalance.bus import listener
+
+    return listener
+
+
+@pytest.fixture
+def no_heartbeats_user(redis_server):
+    """A Redis user that may do everything but SET and SADD (heartbeats refused)."""
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    r.acl_setuser(
+        "nohb",
+        enabled=True,
+        passwords=["+nohb-pass"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-set", "-sadd"],
+    )
+    yield "nohb", "nohb-pass"
+    r.acl_deluser("nohb")
+    r.close()
+
+
+def test_without_heartbeats_at_most_one_ping_per_idle_interval(
+    redis_server, bus, no_heartbeats_user, tmp_path, store, monkeypatch, caplog
+):
+    """Heartbeats refused by an ACL: the connection carries nothing on its own, so the
+    listener PINGs once per idle interval, and a hung server is noticed within
+    idle interval + socket timeout."""
+    from sqla_rebalance.bus import redis_bus
+
+    idle = 1.0
+    monkeypatch.setattr(redis_bus, "_IDLE_PING_AFTER", idle)
+    caplog.set_level("WARNING", logger="sqla_rebalance.bus")
+    user, password = no_heartbeats_user
+    url = f"redis://{user}:{password}@{redis_server.host}:{redis_server.port}/0"
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=f"{url}?channel={store.channel}",  # the listener's user: no SET/SADD
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        pool = engine.pool
+        poll(lambda: any("cannot write heartbeats" in r.getMessage() for r in caplog.records))
+        assert pool.stats().bus.connected
+        poll(lambda: len(listener_ids(store.r)) == 1)  # an earlier test's listener gone
+        pings = command_calls(store.r, "ping")
+        start = time.monotonic()
+        time.sleep(4 * idle)  # the observation window
+        sent_pings = command_calls(store.r, "ping") - pings
+        elapsed = time.monotonic() - start
+        assert 1 <= sent_pings <= elapsed / idle + 1, (sent_pings, elapsed)
+        sent = send_command(bus, "recycle", secret=SECRET)  # commands still arrive (sent as admin)
+        poll(lambda: pool.stats().bus.generation_applied == sent.generation)
+        assert pool.stats().bus.reconnects == 0
+        with redis_server.frozen():
+            frozen_at = time.monotonic()
+            poll(lambda: not pool.stats().bus.connected, timeout=20)
+            noticed = time.monotonic() - frozen_at
+            assert noticed <= idle + redis_bus._SOCKET_TIMEOUT + 1.5, noticed
+        poll(lambda: pool.stats().bus.connected, timeout=30)
+        assert "nohb-pass" not in caplog.text
+    finally:
+        engine.dispose()
+
+
+def test_a_message_that_arrives_while_a_reply_is_awaited_is_kept(redis_server, bus, store):
+    """Messages published just before each command are on the socket ahead of its reply:
+    queued while the reply is read, then returned by get(), in order, none lost."""
+    from sqla_rebalance.bus.redis_bus import _RedisSubscription
+
+    sub = open_bus(bus).subscribe()
+    try:
+        assert isinstance(sub, _RedisSubscription)
+        topic = f"{store.channel}:commands"
+        sent = []
+        for n, command in enumerate(
+            [
+                lambda: sub.generation(),
+                lambda: sub.since(0),
+                lambda: sub.put_heartbeat("p1", b"{}", 5.0),
+            ]
+        ):
+            batch = [f"m{n}.{i}".encode() for i in range(3)]
+            for data in batch:
+                # Delivered (written to the subscription's socket) before PUBLISH returns.
+                assert store.r.publish(topic, data) == 1
+            sent += batch
+            command()
+            # Read past while waiting for the reply, and kept (get() was not called yet).
+            assert list(sub._messages) == sent
+        assert store.r.exists(f"{store.channel}:hb:p1")
+        got = []
+        while (data := sub.get(0.0)) is not None:
+            got.append(data)
+        assert got == sent
+        assert sub.get(0.05) is None
+        store.r.publish(topic, b"last")
+        assert poll(lambda: sub.get(0.1)) == b"last"
+    finally:
+        sub.close()
+
+
+def test_get_returns_within_its_timeout_on_a_hung_server(redis_server, bus):
+    sub = open_bus(bus).subscribe()
+    try:
+        with redis_server.frozen():
+            for timeout in (0.0, 0.2, 0.5):
+                start = time.monotonic()
+                assert sub.get(timeout) is None
+                assert time.monotonic() - start < timeout + 0.1
+    finally:
+        sub.close()
+
+
+def test_closed_under_it_the_subscription_fails_and_never_reconnects_silently(
+    redis_server, bus, store
+):
+    from sqla_rebalance.bus.base import BusUnavailableError
+
+    sub = open_bus(bus).subscribe()
+    try:
+        (listener_id,) = poll(lambda: len(ids := listener_ids(store.r)) == 1 and ids)
+        store.r.client_kill_filter(_id=listener_id)
+        with pytest.raises(BusUnavailableError):
+            sub.get(5.0)  # the server's close is seen at once
+        for call in (sub.generation, lambda: sub.get(0.0), lambda: sub.since(0)):
+            with pytest.raises(BusUnavailableError):
+                call()
+        assert listener_ids(store.r) == []  # nothing reopened behind the listener's back
+    finally:
+        sub.close()
+
+
+def test_without_resp3_the_listener_falls_back_to_two_connections(tmp_path, caplog):
+    """A server that does not know HELLO (Redis < 6): two connections, said once, and
+    commands and status still work."""
+    from sqla_rebalance.bus.redis_bus import _TwoConnectionSubscription
+
+    from .servers import RedisServer
+
+    caplog.set_level("WARNING", logger="sqla_rebalance.bus")
+    server = RedisServer(settings={"rename-command HELLO": "hello-renamed-away"})
+    server.start()
+    try:
+        bus = f"{server.url()}?channel=old{os.getpid()}"
+        for _ in range(2):
+            sub = open_bus(bus).subscribe()
+            assert isinstance(sub, _TwoConnectionSubscription)
+            sub.close()
+        said = [r for r in caplog.records if "no RESP3" in r.getMessage()]
+        assert len(said) == 1
+        engine = create_engine(
+            f"sqlite:///{tmp_path}/app.db",
+            poolclass=RebalancingQueuePool,
+            broadcast=bus,
+            broadcast_secret=SECRET,
+            min_recycle_interval=0,
+        )
+        try:
+            pool = engine.pool
+            poll(lambda: [p.process for p in fleet_status(bus)] == [pool.stats().bus.process])
+            sent = send_command(bus, "recycle", secret=SECRET)
+            poll(lambda: pool.stats().bus.generation_applied == sent.generation)
+            assert redis_clients(server) == 2  # pub/sub + commands
+        finally:
+            engine.dispose()
+        assert len([r for r in caplog.records if "no RESP3" in r.getMessage()]) == 1
+    finally:
+        server.close()
+
+
+def test_a_pong_in_flight_is_not_taken_for_a_command_reply(bus, store, monkeypatch):
+    """The idle PING is not waited for: the next command reads its PONG first."""
+    from sqla_rebalance.bus import redis_bus
+
+    store.r.set(f"{store.channel}:gen", 12345)
+    sub = open_bus(bus).subscribe()
+    try:
+        assert isinstance(sub, redis_bus._RedisSubscription)
+        for _ in range(20):
+            sub._heard = time.monotonic() - redis_bus._IDLE_PING_AFTER  # idle: PING now
+            pings = command_calls(store.r, "ping")
+            assert sub.get(0.0) is None  # sends it; reads the PONG only if already there
+            poll(lambda pings=pings: command_calls(store.r, "ping") == pings + 1)
+            assert sub.generation() == 12345  # its own reply, whether the PONG was read or not
+            assert sub._ping_sent is None
+            assert sub.get(0.0) is None  # and nothing left over on the connection
+        # Deterministically: the PONG answered, still unread, when a command is sent.
+        sub._conn.send_command("PING", check_health=False)
+        sub._ping_sent = time.monotonic()
+        poll(lambda: sub._conn.can_read(0.0))
+        assert sub.generation() == 12345
+        assert sub._ping_sent is None
+        store.r.publish(f"{store.channel}:commands", b"after")
+        assert poll(lambda: sub.get(0.1)) == b"after"
+    finally:
+        sub.close()

@@ -36,7 +36,8 @@ interrupted):
 ``RedisServer`` (``redis``; module ``redis``)
     one Redis on 127.0.0.1, without persistence (a replica with
     ``settings={"replicaof": "127.0.0.1 PORT"}``); ``RedisSentinel`` watches one and
-    fails over to a replica within seconds.
+    fails over to a replica within seconds; ``RedisCluster`` is N masters (and replicas)
+    in cluster mode, ``redis+cluster://`` URL.
 ``DnsServer`` (``dns``; module ``dns``)
     one dnsmasq on 127.0.0.1, authoritative for ``*.test``, answering from a hosts file that
     :meth:`DnsServer.set` rewrites (and waits until the new records are served).
@@ -91,7 +92,7 @@ from .postgres import (
     PostgresServer,
     find_pg_bindir,
 )
-from .redis import REDIS_PORT_ENV, RedisSentinel, RedisServer
+from .redis import REDIS_PORT_ENV, RedisCluster, RedisSentinel, RedisServer
 
 __all__ = [
     "APP_DATABASE",
@@ -114,6 +115,7 @@ __all__ = [
     "PostgresCluster",
     "PostgresReplicaPair",
     "PostgresServer",
+    "RedisCluster",
     "RedisSentinel",
     "RedisServer",
     "default_parent_dir",

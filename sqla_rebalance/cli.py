@@ -216,7 +216,8 @@ def _bus_command(args: argparse.Namespace) -> int:
             no_secret=f"${args.secret_env} is not set: set it to the pools' broadcast_secret, "
             "or pass --unsigned for pools configured without one",
         )
-        return commands.send(req, [target], commands.CLI, _echo)
+        progress = commands.ProgressPrinter.on(sys.stderr, as_json=args.json)
+        return commands.send(req, [target], commands.CLI, _echo, progress)
     except commands.CommandFailure as err:
         _fail(err.message)
         return err.code

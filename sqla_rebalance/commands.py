@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .bus import (
     BusUnavailableError,
     ProcessStatus,
     Sent,
+    WaitProgress,
     WaitResult,
     open_bus,
     read_fleet,
@@ -53,6 +55,7 @@ from .bus.report import (
     wait_lines,
 )
 from .errors import ConfigurationError
+from .rollout import MAX_RATE, MAX_WIDENING, budget_spread, check_rate, rate_spread
 
 __all__ = [
     "BUS_ERROR",
@@ -62,12 +65,15 @@ __all__ = [
     "FLASK",
     "INCOMPLETE",
     "MAX_RATE",
+    "MAX_WIDENING",
     "OK",
     "USAGE",
     "CommandFailure",
     "Layout",
+    "ProgressPrinter",
     "Request",
     "Target",
+    "budget_spread",
     "bus_display",
     "check_rate",
     "rate_spread",
@@ -169,62 +175,6 @@ def request(
         as_json=bool(as_json),
         rate=rate_n,
     )
-
-
-#: The highest ``--rate`` (new connections per second per host) accepted.
-MAX_RATE = 1_000_000.0
-
-
-def check_rate(value: Any) -> float:
-    """``--rate``: a finite number of new connections per second, above 0 (ValueError)."""
-    if isinstance(value, bool):
-        raise ValueError(f"--rate must be a number of connections per second, got {value!r}")
-    try:
-        rate = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(
-            f"--rate must be a number of connections per second, got {str(value)[:40]!r}"
-        ) from None
-    if not 0.0 < rate <= MAX_RATE:  # refuses nan too
-        raise ValueError(f"--rate must be above 0 and at most {MAX_RATE:g} per second, got {rate}")
-    return rate
-
-
-def rate_spread(
-    processes: Sequence[ProcessStatus], patterns: Sequence[str], host: str | None, rate: float
-) -> tuple[float, int, str | None]:
-    """The spread that keeps a fleet's reconnects to each database host at or under
-    ``rate`` per second: the busiest host's open connections (summed over every
-    process's pools matching one of ``patterns``, from their heartbeats) divided by
-    ``rate``. Pools whose heartbeat names no host count as one host together (the
-    cautious reading). Returns ``(spread, connections on that host, the host)``.
-
-    Each pool spreads its share evenly over the spread (``recycle`` stratifies its
-    moments), so the fleet's rate stays near the budget in every second.
-    """
-    probes = [new_command("recycle", pool=pattern) for pattern in patterns]
-    per_host: dict[str, int] = {}
-    for proc in processes:
-        for pool in proc.pools:  # each a dict: parse_heartbeat refused the rest
-            name = str(pool.get("pool", ""))
-            if not any(probe.matches(name) for probe in probes):
-                continue
-            hosts = pool.get("hosts")
-            if isinstance(hosts, dict) and hosts:
-                for key, figures in hosts.items():
-                    if host is not None and not (key == host or key.startswith(f"{host}:")):
-                        continue
-                    n = figures.get("open") if isinstance(figures, dict) else None
-                    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                        per_host[str(key)] = per_host.get(str(key), 0) + n
-            elif host is None:
-                n = pool.get("open")
-                if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                    per_host["(unnamed)"] = per_host.get("(unnamed)", 0) + n
-    if not per_host:
-        return 0.0, 0, None
-    busiest = max(per_host, key=lambda k: per_host[k])
-    return per_host[busiest] / rate, per_host[busiest], busiest
 
 
 def bus_display(bus: str | Bus) -> str:
@@ -400,26 +350,148 @@ def _with_rate_spread(
             ) from None
     patterns = sorted({pool for _, _, pool in plan})  # pools that may share hosts: summed
     spread, connections, busiest = rate_spread(processes, patterns, req.host, req.rate)
+    spread = math.ceil(spread * 100.0 - 1e-6) / 100.0  # to 10 ms, up: within the budget
     if spread > MAX_SPREAD:
         raise CommandFailure(
             f"--rate {req.rate:g}/s: {connections} connections on {busiest} would take "
             f"{spread:.0f}s, over a day; raise --rate"
         )
     if not req.as_json:
+        widened = (
+            f" ({connections}/{req.rate:g} = {connections / req.rate:.1f}s, widened for the "
+            "chance peaks of independent pools)"
+            if connections and spread > connections / req.rate * 1.001
+            else ""
+        )
         out(
             f"rate {req.rate:g}/s per host: {connections} open connections on the busiest "
-            f"host ({busiest or 'none'}): spread {spread:.1f}s"
+            f"host ({busiest or 'none'}): spread {spread:.1f}s{widened}"
         )
     return dataclasses.replace(req, spread=spread)
 
 
-def send(req: Request, targets: Sequence[Target], layout: Layout, out: Echo) -> int:
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class ProgressPrinter:
+    """``--wait``'s progress, on the operator's stream (stderr).
+
+    On a terminal: a one-line bar with the counts and an ETA, redrawn in place
+    (at most every ``redraw`` seconds) and erased when the wait ends, before
+    the result lines. Elsewhere: in text mode a line every ``every`` seconds,
+    with ``--json`` nothing (the final JSON has the counts).
+    """
+
+    def __init__(
+        self,
+        write: Echo,
+        *,
+        tty: bool,
+        flush: Callable[[], None] | None = None,
+        as_json: bool = False,
+        every: float = 5.0,
+        redraw: float = 0.1,
+        width: int = 24,
+    ) -> None:
+        self.tty = tty
+        self._write = write
+        self._flush = flush
+        self._as_json = as_json
+        self._every = every if not tty else redraw
+        self._width = width
+        self._prefix = ""
+        self._shown = False
+        self._next = 0.0
+
+    @classmethod
+    def on(cls, stream: Any, *, as_json: bool = False) -> ProgressPrinter:
+        """A printer on a file-like ``stream`` (a bar if ``stream.isatty()``)."""
+        try:
+            tty = bool(stream.isatty())
+        except (AttributeError, ValueError, OSError):  # no isatty, or closed
+            tty = False
+        flush = getattr(stream, "flush", None)
+        return cls(stream.write, tty=tty, flush=flush, as_json=as_json)
+
+    def start(self, prefix: str = "") -> Callable[[WaitProgress], None]:
+        """The ``progress`` callback of one wait; ``prefix`` goes before its line."""
+        self._prefix = prefix
+        self._next = time.monotonic() + (0.0 if self.tty else self._every)
+        return self.update
+
+    @staticmethod
+    def describe(p: WaitProgress) -> str:
+        """``3/32 processes applied, 120/600 connections replaced, 4s, ETA 8s``."""
+        parts = [f"{p.applied}/{p.applied + p.pending} processes applied"]
+        if p.phase != "applying" and p.connections:
+            parts.append(f"{p.retired or 0}/{p.connections} connections replaced")
+        parts.append(_duration(p.elapsed))
+        parts.append("ETA ?" if p.eta is None else f"ETA {_duration(p.eta)}")
+        return ", ".join(parts)
+
+    def update(self, p: WaitProgress) -> None:
+        final = p.phase in ("done", "timeout")
+        now = time.monotonic()
+        if self.tty:
+            if final:
+                self.finish()
+                return
+            if now < self._next:
+                return
+            filled = round(p.fraction * self._width)
+            bar = "#" * filled + "-" * (self._width - filled)
+            self._out(f"\r{self._prefix}[{bar}] {self.describe(p)}\x1b[K")
+            self._shown = True
+        elif final or self._as_json or now < self._next:
+            return
+        else:
+            self._out(f"{self._prefix}waiting: {self.describe(p)}\n")
+        self._next = now + self._every
+
+    def finish(self) -> None:
+        """Erase the bar (a terminal), so that the result lines start clean."""
+        if self._shown:
+            self._out("\r\x1b[K")
+            self._shown = False
+
+    def _out(self, text: str) -> None:
+        self._write(text)
+        if self._flush is not None:
+            self._flush()
+
+
+def _rollout_line(result: WaitResult, spread: float) -> str | None:
+    """After a wait that followed a rate rollout: how far the replacement got."""
+    p = result.progress
+    if p is None or not result.complete or p.connections is None:
+        return None
+    counts = f"{p.retired or 0} of {p.connections} connection(s)"
+    if p.phase == "done":
+        return f"replaced {counts} in {p.elapsed:.1f}s (planned spread {spread:.1f}s)"
+    left = "" if p.eta is None else f", about {_duration(p.eta)} left"
+    return f"rollout still running after {p.elapsed:.1f}s: {counts} replaced{left}"
+
+
+def send(
+    req: Request,
+    targets: Sequence[Target],
+    layout: Layout,
+    out: Echo,
+    progress: ProgressPrinter | None = None,
+) -> int:
     """Publish ``req`` on every target (one command per pool), wait if asked,
     print what happened; return :data:`OK` or :data:`INCOMPLETE`.
 
     Raises :class:`CommandFailure`: :data:`USAGE` before anything is
     published, :data:`BUS_ERROR` when a bus fails. One ``--wait`` deadline
-    covers every command.
+    covers every command. ``progress`` shows each wait as it goes. With
+    ``--rate``, the wait also follows the rollout (see :func:`~.bus.wait_for`'s
+    ``rollout``), until its connections are replaced or the deadline.
     """
     plan = _plan(req, targets)
     if req.rate is not None:
@@ -448,30 +520,44 @@ def send(req: Request, targets: Sequence[Target], layout: Layout, out: Echo) -> 
     if req.wait is not None:
         deadline = time.monotonic() + req.wait
         several = len(targets) > 1
+        rollout = req.spread if req.rate is not None else None
         for i, (target, bus, pool, sent) in enumerate(done):
+            prefix = (layout.wait_prefix_several if several else layout.wait_prefix).format(
+                pool=pool, bus=target.display
+            )
             try:
                 result = wait_for(
                     bus,
                     sent.generation,
                     pool=pool,
                     timeout=max(0.0, deadline - time.monotonic()),
+                    progress=None if progress is None else progress.start(prefix),
+                    rollout=rollout,
+                    host=req.host,
                 )
             except BusUnavailableError as err:
                 raise CommandFailure(
                     f"cannot read status{layout.on(target, 'from')}: {err}", BUS_ERROR
                 ) from None
+            finally:
+                if progress is not None:
+                    progress.finish()
             results[i] = result
             if not req.as_json:
-                prefix = (layout.wait_prefix_several if several else layout.wait_prefix).format(
-                    pool=pool, bus=target.display
-                )
-                for line in wait_lines(result, pool):
+                lines = wait_lines(result, pool)
+                if rollout is not None:
+                    lines += [line for line in [_rollout_line(result, rollout)] if line]
+                for line in lines:
                     out(f"{prefix}{line}")
     if req.as_json:
-        records = [
-            sent_record(sent, result, bus=layout.where(target))
-            for (target, _, _, sent), result in zip(done, results, strict=True)
-        ]
+        records = []
+        for (target, _, _, sent), waited in zip(done, results, strict=True):
+            record = sent_record(sent, waited, bus=layout.where(target))
+            if req.rate is not None:
+                record.update(rate=req.rate, spread=req.spread)
+            if waited is not None and waited.progress is not None:
+                record["progress"] = waited.progress.as_dict()
+            records.append(record)
         out(json.dumps(layout.sent_out(records), indent=2))
     complete = all(r is not None and r.complete for r in results)
     return OK if req.wait is None or complete else INCOMPLETE

@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "ProcessStatus",
     "Sent",
     "Subscription",
+    "WaitProgress",
     "WaitResult",
     "fleet_status",
     "open_bus",
@@ -100,6 +102,10 @@ def open_bus(bus: str | Bus, channel: str | None = None) -> Bus:
             from .redis_bus import RedisBus
 
             return RedisBus(url, channel)
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            from .redis_cluster import RedisClusterBus
+
+            return RedisClusterBus(url, channel)
         if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
             from .postgres_bus import PostgresBus
 
@@ -118,7 +124,8 @@ def open_bus(bus: str | Bus, channel: str | None = None) -> Bus:
         raise ConfigurationError(f"broadcast={redact(bus)}: {err}") from err
     raise ConfigurationError(
         f"broadcast: unknown bus scheme {scheme!r} in {redact(bus)} "
-        "(use redis://, rediss://, redis+sentinel://, postgresql:// or sqlite:///path)"
+        "(use redis://, rediss://, redis+sentinel://, redis+cluster://, postgresql:// or "
+        "sqlite:///path)"
     )
 
 
@@ -348,6 +355,73 @@ def fleet_status(bus: str | Bus) -> list[ProcessStatus]:
 
 
 @dataclass(frozen=True)
+class WaitProgress:
+    """Where a :func:`wait_for` stands, after one look at the heartbeats.
+
+    Passed to its ``progress`` callback after every look, and kept as
+    :attr:`WaitResult.progress`. Every count only grows from one look to the
+    next (a process that applied the command and then exited still counts as
+    applied); ``pending`` is the live processes not done yet.
+    """
+
+    generation: int
+    #: Seconds since the wait began.
+    elapsed: float
+    #: Processes seen done with the generation (every matching pool).
+    applied: int
+    #: Live processes with a matching pool, not done yet.
+    pending: int
+    #: Seen not done, then gone (their heartbeat expired).
+    lost: int
+    #: Open connections of the matching pools (on ``host``, if given) when each
+    #: process was first seen; None until a heartbeat reports a figure.
+    connections: int | None = None
+    #: Connections retired by a command (reason ``signal``) since each process was
+    #: first seen, from the heartbeats (which lag by up to a heartbeat interval).
+    retired: int | None = None
+    #: Seconds still to go, estimated: from the planned spread when following a
+    #: rollout, else from the pace of the processes so far; None: no basis yet.
+    #: Always finite and >= 0 when given.
+    eta: float | None = None
+    #: ``applying`` (processes still to apply it), ``replacing`` (every process
+    #: has; the rollout's connections are being replaced), ``done``, or
+    #: ``timeout`` (the last look, before it was done).
+    phase: str = "applying"
+
+    @property
+    def remaining(self) -> int | None:
+        """Connections not reported retired yet (None: unknown)."""
+        if self.connections is None:
+            return None
+        return max(0, self.connections - (self.retired or 0))
+
+    @property
+    def fraction(self) -> float:
+        """How far along, 0 to 1: connections replaced while following a rollout
+        (once known), else processes done."""
+        if self.phase == "done":
+            return 1.0
+        if self.phase != "applying" and self.connections:
+            return min(1.0, (self.retired or 0) / self.connections)
+        total = self.applied + self.pending
+        return self.applied / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-able counts (``--json``)."""
+        return {
+            "phase": self.phase,
+            "processes": self.applied + self.pending,
+            "applied": self.applied,
+            "pending": self.pending,
+            "lost": self.lost,
+            "connections": self.connections,
+            "retired": self.retired,
+            "elapsed": round(self.elapsed, 3),
+            "eta": None if self.eta is None else round(self.eta, 3),
+        }
+
+
+@dataclass(frozen=True)
 class WaitResult:
     """Who has applied a generation, after :func:`wait_for`."""
 
@@ -359,11 +433,99 @@ class WaitResult:
     lost: list[ProcessStatus] = field(default_factory=list)
     #: Heartbeats skipped as unreadable at the last look (junk on the bus).
     invalid: int = 0
+    #: The counts at the last look (elapsed time, connections retired, ETA).
+    progress: WaitProgress | None = None
 
     @property
     def complete(self) -> bool:
         """Every live process with a matching pool has applied it (and there was one)."""
         return not self.pending and bool(self.applied)
+
+    @property
+    def replaced(self) -> bool:
+        """After a wait that followed a rollout: it ended, every connection counted
+        at the start reported retired, or the spread and a heartbeat passed."""
+        return self.progress is not None and self.progress.phase == "done"
+
+
+#: How late a heartbeat may report a retirement (the listener's heartbeat
+#: interval) plus a margin: a rollout is over this long after its spread.
+_REPORT_LAG = 6.0
+
+
+def _pool_counts(proc: ProcessStatus, pattern: str, host: str | None) -> tuple[int, int]:
+    """(open connections, retirements by a command) of ``proc``'s pools matching
+    ``pattern``; open ones on ``host`` only, if given (retirements are per pool)."""
+    probe = Command(action="recycle", pool=pattern)
+    opened = retired = 0
+    for p in proc._pools():
+        if not probe.matches(str(p.get("pool", ""))):
+            continue
+        signal = p.get("retirements", {}).get("signal", 0)
+        retired += int(signal) if isinstance(signal, (int, float)) else 0
+        if host is None:
+            opened += _generation_of(p.get("open"))
+            continue
+        for key, figures in p.get("hosts", {}).items():
+            if key == host or str(key).startswith(f"{host}:"):
+                opened += _generation_of(figures.get("open"))
+    return opened, retired
+
+
+class _Progress:
+    """The counts of one :func:`wait_for`, kept monotone across looks."""
+
+    def __init__(self, generation: int, pool: str, host: str | None, rollout: float | None):
+        self.generation = generation
+        self.pool = pool
+        self.host = host
+        self.rollout = rollout
+        self.started = time.monotonic()
+        self.applied: set[str] = set()
+        self.first: dict[str, tuple[int, int]] = {}  # process: (open, signal) when first seen
+        self.retired: dict[str, int] = {}
+        self.all_applied_at: float | None = None
+
+    def look(
+        self, procs: list[ProcessStatus], applied: list[ProcessStatus], pending: int, lost: int
+    ) -> WaitProgress:
+        now = time.monotonic()
+        for proc in procs:
+            opened, signal = _pool_counts(proc, self.pool, self.host)
+            base = self.first.setdefault(proc.process, (opened, signal))
+            self.retired[proc.process] = max(self.retired.get(proc.process, 0), signal - base[1])
+        self.applied.update(p.process for p in applied)
+        if applied and not pending and self.all_applied_at is None:
+            self.all_applied_at = now  # as wait_for always did: live ones, all done
+        connections = sum(o for o, _ in self.first.values()) if self.first else None
+        retired = sum(self.retired.values()) if self.first else None
+        elapsed = now - self.started
+        phase, eta = "applying", None
+        if self.all_applied_at is None:
+            if self.rollout is not None:
+                eta = self.rollout
+            elif self.applied and pending:
+                eta = elapsed * pending / len(self.applied)
+        elif self.rollout is None:
+            phase, eta = "done", 0.0
+        else:
+            end = self.all_applied_at + self.rollout
+            replaced = connections is not None and (retired or 0) >= connections
+            if replaced or now >= end + _REPORT_LAG:
+                phase, eta = "done", 0.0
+            else:
+                phase, eta = "replacing", max(0.0, end - now)
+        return WaitProgress(
+            self.generation,
+            elapsed,
+            len(self.applied),
+            pending,
+            lost,
+            connections,
+            retired,
+            eta,
+            phase,
+        )
 
 
 def wait_for(
@@ -373,6 +535,9 @@ def wait_for(
     pool: str = "*",
     timeout: float = 30.0,
     interval: float = 0.1,
+    progress: Callable[[WaitProgress], None] | None = None,
+    rollout: float | None = None,
+    host: str | None = None,
 ) -> WaitResult:
     """Wait until every live process with a pool matching ``pool`` has
     processed ``generation`` (like PgBouncer's ``WAIT_CLOSE``), or ``timeout``.
@@ -383,6 +548,13 @@ def wait_for(
     ``timeout`` and ``interval`` must be finite numbers of seconds, ``timeout``
     >= 0 and ``interval`` > 0 (``ValueError`` otherwise: a NaN would poll
     forever, as fast as it can).
+
+    ``progress`` is called with a :class:`WaitProgress` after every look, the
+    last one in phase ``done`` or ``timeout``. ``rollout`` (a recycle's spread,
+    in seconds) also follows the rollout once every process has applied it:
+    the wait goes on until the connections open at the start (on ``host``, if
+    given) have been reported retired, or the spread and a heartbeat interval
+    have passed, or ``timeout``; ``complete`` still means applied.
     """
     for name, value, least in (("timeout", timeout, 0.0), ("interval", interval, 1e-3)):
         if (
@@ -392,9 +564,14 @@ def wait_for(
             or value < least
         ):
             raise ValueError(f"{name} must be a finite number of seconds >= {least:g}")
+    if rollout is not None and (
+        isinstance(rollout, bool) or not math.isfinite(rollout) or rollout < 0
+    ):
+        raise ValueError("rollout must be a finite number of seconds >= 0")
     target = open_bus(bus)
     deadline = time.monotonic() + timeout
     waiting: dict[str, ProcessStatus] = {}
+    counts = _Progress(generation, pool, host, rollout)
     while True:
         fleet = read_fleet(target)
         procs = [p for p in fleet.processes if p.has_pool(pool)]
@@ -403,6 +580,11 @@ def wait_for(
         waiting.update((p.process, p) for p in pending)
         live = {p.process for p in procs}
         lost = [p for key, p in sorted(waiting.items()) if key not in live]
-        if (applied and not pending) or time.monotonic() >= deadline:
-            return WaitResult(generation, applied, pending, lost, fleet.invalid)
+        state = counts.look(procs, applied, len(pending), len(lost))
+        if state.phase != "done" and time.monotonic() >= deadline:
+            state = dataclasses.replace(state, phase="timeout")
+        if progress is not None:
+            progress(state)
+        if state.phase in ("done", "timeout"):
+            return WaitResult(generation, applied, pending, lost, fleet.invalid, state)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))

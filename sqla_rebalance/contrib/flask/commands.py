@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -103,9 +104,11 @@ def _send(action: str, pool: tuple[str, ...], **values: Any) -> None:
     targets = _targets(app_state(current_app))
     if not targets:
         raise _Fail(_NO_BUS)
+    # --wait's progress bar (a terminal) or lines, on stderr: stdout keeps the result.
+    progress = core.ProgressPrinter.on(sys.stderr, as_json=bool(values.get("as_json")))
     _run(
         lambda: core.send(
-            core.request(action, pools=pool, **values), targets, core.FLASK, click.echo
+            core.request(action, pools=pool, **values), targets, core.FLASK, click.echo, progress
         )
     )
 

@@ -38,6 +38,11 @@ from sqla_rebalance.errors import ConfigurationError
 STATUS = "status"
 
 
+def _plain(text: str) -> str:
+    """No style (Django colours stderr as errors on a terminal)."""
+    return text
+
+
 class Command(BaseCommand):  # type: ignore[misc]
     help = (
         "Cluster-wide commands to the sqla-rebalance pools of every process on the configured "
@@ -148,7 +153,14 @@ class Command(BaseCommand):  # type: ignore[misc]
                 f"Without a bus, '{action}' could only reach this manage.py process, which holds "
                 "no pools."
             )
-        if core.send(req, targets, core.DJANGO, self.stdout.write) == core.INCOMPLETE:
+        # --wait's progress bar (a terminal) or lines, on stderr: stdout keeps the result.
+        progress = core.ProgressPrinter(
+            lambda text: self.stderr.write(text, style_func=_plain, ending=""),
+            tty=self.stderr.isatty(),
+            flush=self.stderr.flush,
+            as_json=options["json"],
+        )
+        if core.send(req, targets, core.DJANGO, self.stdout.write, progress) == core.INCOMPLETE:
             raise CommandError(
                 f"not every live process with a pool matching {options['pool']!r} applied "
                 f"the command within {req.wait:g} s",

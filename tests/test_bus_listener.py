@@ -239,3 +239,31 @@ def test_a_stale_live_command_is_refused_not_settled(clock, make):
     assert member.settled == 0  # recycle --wait must not report it applied
     lst._receive(old, live=False)  # the same command read from the log later
     assert pool.applied == []  # never applied behind the window's back
+
+
+def test_acknowledgements_spread_over_a_window_that_grows_with_the_fleet(clock, make):
+    """After a command, a process heartbeats within 0.2 s on a small fleet; on a big
+    one at a random moment of up to fleet / ACK_RATE seconds (at most ACK_WINDOW_MAX)."""
+    listener = make(FakePool("orders", 0.0))
+    assert listener._ack_due(100.0) == pytest.approx(100.2)  # fleet unknown
+    listener._fleet = 10
+    small = [listener._ack_due(100.0) - 100.0 for _ in range(200)]
+    assert all(0.2 <= d <= 0.2 + 10 / listener_mod.ACK_RATE for d in small)
+    listener._fleet = 1_000_000
+    big = [listener._ack_due(100.0) - 100.0 for _ in range(500)]
+    assert all(0.2 <= d <= 0.2 + listener_mod.ACK_WINDOW_MAX for d in big)
+    assert max(big) - min(big) > listener_mod.ACK_WINDOW_MAX / 2  # spread, not a burst
+
+
+def test_a_fleet_size_from_the_bus_is_believed_only_in_range():
+    from sqla_rebalance.bus.base import MAX_FLEET_HINT, Subscription
+
+    class Sub(Subscription):
+        get = generation = since = put_heartbeat = close = None  # type: ignore[assignment]
+
+    sub = Sub()
+    for junk in (-1, True, 1.5, "12", None, b"3", MAX_FLEET_HINT + 1, 10**40):
+        sub.note_fleet_size(junk)
+        assert sub.fleet_size is None
+    sub.note_fleet_size(7)
+    assert sub.fleet_size == 7

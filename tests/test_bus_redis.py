@@ -976,3 +976,17 @@ def test_a_pong_in_flight_is_not_taken_for_a_command_reply(bus, store, monkeypat
         assert poll(lambda: sub.get(0.1)) == b"after"
     finally:
         sub.close()
+
+
+def test_a_heartbeat_learns_the_fleet_size_in_the_same_round_trip(bus):
+    """The heartbeat write also reads the size of the heartbeat index (SCARD): the
+    hint by which acknowledgements spread (``ACK_RATE``)."""
+    from sqla_rebalance.bus import open_bus
+
+    sub = open_bus(bus).subscribe()
+    try:
+        sub.put_heartbeat("proc-a", b"{}", 15.0)
+        sub.put_heartbeat("proc-b", b"{}", 15.0)
+        assert sub.fleet_size == 2
+    finally:
+        sub.close()

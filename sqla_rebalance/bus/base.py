@@ -185,6 +185,10 @@ def split_channel(url: str, default: str = DEFAULT_CHANNEL) -> tuple[str, str]:
     return (f"{base}?{urlencode(kept)}" if kept else base), channel
 
 
+#: The largest fleet size a subscription believes (see ``Subscription.fleet_size``).
+MAX_FLEET_HINT = 10_000_000
+
+
 class Subscription(ABC):
     """A live connection to the wake-up channel (one listener thread uses it)."""
 
@@ -193,6 +197,16 @@ class Subscription(ABC):
     reconnected: bool = False
     #: False once the bus refused a heartbeat write (privileges): not retried.
     _can_heartbeat: bool = True
+    #: About how many processes heartbeat on this channel, where the transport
+    #: learns it with its heartbeat write at no extra round trip (None: unknown).
+    #: A hint only (it spreads this process's acknowledgements): never trusted
+    #: beyond ``0 <= fleet_size <= MAX_FLEET_HINT``.
+    fleet_size: int | None = None
+
+    def note_fleet_size(self, value: object) -> None:
+        """Keep ``value`` (a reply of the bus) as :attr:`fleet_size` if it is sane."""
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FLEET_HINT:
+            self.fleet_size = value
 
     def heartbeats_refused(self, bus: Bus, err: Exception) -> None:
         """The bus does not let this role write heartbeats: stop trying, say so once.

@@ -89,6 +89,12 @@ HEARTBEAT_TTL_FACTOR = 3.0
 #: The durable generation is re-read every this many seconds (jittered
 #: 50-150 %), in case a wake-up was lost without a disconnect.
 POLL_INTERVAL = 30.0
+#: After a command, a process heartbeats (its acknowledgement for ``--wait``)
+#: within 0.2 s plus a random delay over a window that grows with the fleet:
+#: ``fleet / ACK_RATE`` seconds, at most ``ACK_WINDOW_MAX``, so that 10,000
+#: processes write about 2,000 heartbeats a second rather than all at once.
+ACK_RATE = 2000.0
+ACK_WINDOW_MAX = 5.0
 #: Longest blocking read; bounds how late the thread notices it must stop.
 _TICK = 0.5
 _BACKOFF_MIN = 0.5
@@ -182,6 +188,8 @@ class Listener:
         self.last_error: str | None = None
         self.heartbeats = 0
         self._heartbeat_due = 0.0
+        #: About how many processes share the channel (``Subscription.fleet_size``).
+        self._fleet: int | None = None
         #: Heartbeats come every second at first (the pools are still filling),
         #: then every HEARTBEAT_INTERVAL.
         self._fast_heartbeats_until = 0.0
@@ -445,7 +453,7 @@ class Listener:
             ):
                 self._dispatch(pool, member, command, cutoff, time.monotonic())
         self._settle()
-        self._heartbeat_due = min(self._heartbeat_due, time.monotonic() + 0.2)
+        self._heartbeat_due = min(self._heartbeat_due, self._ack_due(time.monotonic()))
         return True
 
     def _settle(self) -> None:
@@ -491,7 +499,7 @@ class Listener:
             for command, cutoff in pending.ordered():
                 self._apply(pool, member, command, cutoff)
             member.settled = self.applied
-            self._heartbeat_due = min(self._heartbeat_due, now + 0.2)
+            self._heartbeat_due = min(self._heartbeat_due, self._ack_due(now))
 
     def _apply(
         self, pool: RebalancingQueuePool, member: _Member, command: Command, cutoff: float
@@ -513,12 +521,20 @@ class Listener:
         self._rejections.summary(force)
 
     # -- reporting ---------------------------------------------------------------
+    def _ack_due(self, now: float) -> float:
+        """When to heartbeat after a command (see :data:`ACK_RATE`)."""
+        fleet = self._fleet
+        window = min(ACK_WINDOW_MAX, fleet / ACK_RATE) if fleet else 0.0
+        return now + 0.2 + random.uniform(0.0, window)
+
     def _heartbeat(self, sub: Subscription) -> None:
         now = time.monotonic()
         fast = now < self._fast_heartbeats_until
         self._heartbeat_due = now + (1.0 if fast else HEARTBEAT_INTERVAL)
         payload = json.dumps(self.status(time.time()), separators=(",", ":")).encode()
         sub.put_heartbeat(self.ident, payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR)
+        if sub.fleet_size is not None:
+            self._fleet = sub.fleet_size
         self.heartbeats += 1
 
     def status(self, now: float | None = None) -> dict[str, Any]:

@@ -356,7 +356,8 @@ class _TwoConnectionSubscription(Subscription):
             pipe = self._client.pipeline(transaction=False)
             pipe.set(f"{channel}:hb:{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(f"{channel}:hb", process)
-            pipe.execute()
+            pipe.scard(f"{channel}:hb")  # the fleet's size, to spread acknowledgements
+            self.note_fleet_size(pipe.execute()[-1])
         except redis.exceptions.NoPermissionError as err:  # an ACL without SET/SADD
             self.heartbeats_refused(self._bus, err)
         except redis.RedisError as err:
@@ -610,6 +611,7 @@ class _RedisSubscription(Subscription):
         replies = self._execute(
             ("SET", f"{channel}:hb:{process}", payload, "PX", max(1, int(ttl * 1000))),
             ("SADD", f"{channel}:hb", process),
+            ("SCARD", f"{channel}:hb"),  # the fleet's size, to spread acknowledgements
         )
         errors = [r for r in replies if isinstance(r, Exception)]
         refused = [e for e in errors if isinstance(e, redis.exceptions.NoPermissionError)]
@@ -617,6 +619,8 @@ class _RedisSubscription(Subscription):
             self.heartbeats_refused(self._bus, refused[0])
         elif errors:
             raise self._fail(errors[0])
+        else:
+            self.note_fleet_size(replies[-1])
 
     def close(self) -> None:
         self._broken = True

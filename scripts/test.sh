@@ -55,6 +55,8 @@ step "benchmark smoke run (--check: promises gate CI; timing targets are only pr
 .venv/bin/python benchmarks/broadcast_latency.py --quick --check
 .venv/bin/python benchmarks/frozen_host.py --quick --check
 .venv/bin/python benchmarks/pg_bus_modes.py --quick --check
+.venv/bin/python benchmarks/rate_rollout.py --quick --check
+.venv/bin/python benchmarks/worker_cost.py --quick --check
 
 step "docs"
 .venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"

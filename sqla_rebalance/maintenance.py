@@ -367,8 +367,10 @@ class Maintenance:
                 continue
             due = state.due(starts.get(rec))
             if due is not None:
-                at = due[0] - (BATCH if due[1] == LIFETIME else 0.0)
-                if at > now:
+                # Due no later than that, at the first one's time; those within
+                # BATCH after it come along (this pass made those already).
+                at, reason = due
+                if at > now + (BATCH if reason == LIFETIME else 0.0):
                     next_due = min(next_due, at)
         if pinned and self._config.recycle > 0:
             # Shield pinned connections from SQLAlchemy's own recycle at checkout

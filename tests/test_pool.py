@@ -586,3 +586,74 @@ def test_a_base_exception_from_a_connect_never_stops_maintenance(tmp_path):
         wait_for(lambda: engine.pool.stats().retirements["manual"] == 3, timeout=30)
     finally:
         engine.dispose()
+
+
+def test_a_pass_scans_the_connections_only_when_asked_or_due(clock, engine_factory):
+    """The worker's cost follows the work: a pass with nothing asked for and nothing
+    of its plan due looks at no connection; a request, or the plan's time, does."""
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
+    open_n(pool, 5)
+    maintenance = pool._maintenance
+    maintenance.maintain()
+    scans = maintenance.scans
+    planned = maintenance.scan_due
+    assert planned > clock.now
+    clock.now = planned - 0.01
+    maintenance.maintain()
+    assert maintenance.scans == scans  # nothing due, nothing asked: no scan
+    pool._schedule.request()
+    maintenance.maintain()
+    assert maintenance.scans == scans + 1
+    clock.now = maintenance.scan_due
+    maintenance.maintain()
+    assert maintenance.scans == scans + 2
+
+
+def test_lifetime_replacements_due_together_are_batched(clock, engine_factory):
+    """Replacements due within BATCH of the first one are made in its pass."""
+    pool = engine_factory(pool_recycle=R, recycle_jitter=0.5).pool
+    open_n(pool, 5)
+    starts = sorted(pool._maintenance.schedule().values())
+    clock.now = starts[0]
+    pool._maintenance.maintain()
+    batched = sum(1 for s in starts if s <= starts[0] + BATCH)
+    assert pool.stats().retirements["lifetime"] == batched
+
+
+def test_the_worker_dispatches_only_the_pools_that_are_due():
+    """One heap across pools: poking one pool's key runs that pool's pass, and no
+    other pool is looked at (their due times are far)."""
+    import threading
+
+    from sqla_rebalance import clock as sched_clock
+    from sqla_rebalance.worker import MaintenanceWorker
+
+    class Fake:
+        def __init__(self) -> None:
+            self._next_due = sched_clock.now() + 1000.0
+            self.runs = 0
+            self.ran = threading.Event()
+
+        def _run_maintenance(self) -> None:
+            self.runs += 1
+            self._next_due = sched_clock.now() + 1000.0
+            self.ran.set()
+
+    worker = MaintenanceWorker()
+    pools = [Fake() for _ in range(200)]
+    for p in pools:
+        worker.register(p)
+    try:
+        target = pools[137]
+        target._next_due = 0.0
+        worker.poke(id(target))
+        assert target.ran.wait(10)
+        wait_for(lambda: worker._due.get(id(target), 0.0) > sched_clock.now() + 100)
+        assert target.runs == 1
+        assert sum(p.runs for p in pools) == 1
+        # Every pool keeps exactly one live due time in the heap.
+        assert len(worker._due) == 200
+    finally:
+        for p in pools:
+            worker.unregister(p)
+        wait_for(lambda: worker.thread is None)

@@ -136,7 +136,8 @@ def main() -> int:
     recycle = 20.0
     work = [(1, 100)] if args.quick else [(1, 100), (1, 400), (10, 40)]
     print(f"\nat work: pool_recycle={recycle:g} s, jitter 0.5, {window:.0f} s window")
-    print(f"{'pools':>6} {'conns':>6} {'CPU ms/s':>9} {'repl./s':>8} {'scans/s':>8} {'scans/repl.':>12}")
+    head = ("pools", "conns", "CPU ms/s", "repl./s", "scans/s", "scans/repl.")
+    print("{:>6} {:>6} {:>9} {:>8} {:>8} {:>12}".format(*head))
     for pools, conns in work:
         r = run(pools, conns, window, recycle)
         per = r["scans_per_s"] * r["window"] / max(1, r["replaced"])

@@ -284,6 +284,26 @@ class RedisBus(Bus):
             return _TwoConnectionSubscription(self)
 
 
+def _log_entries(rows: list[Any], gen: int, ceiling: int) -> list[tuple[int, bytes]]:
+    """``(position, message)`` from ZRANGEBYSCORE ... WITHSCORES replies (pairs of
+    member and score, the score a float, or text on RESP2), oldest first: a row of
+    another shape, or a score out of ``(gen, ceiling]``, is skipped (untrusted)."""
+    out = []
+    for row in rows:
+        if not isinstance(row, (list, tuple)) or len(row) != 2:
+            continue
+        member, score = row
+        if isinstance(score, (bytes, str)):
+            try:
+                score = float(score)
+            except ValueError:
+                continue
+        position = log_generation(score, gen, ceiling)
+        if position is not None:
+            out.append((position, _as_bytes(member)))
+    return out
+
+
 def _current(bus: RedisBus, value: Any) -> int:
     """The current generation for readers: junk raises, out of range reads as 0."""
     gen = _stored_generation(bus, value)
@@ -339,14 +359,7 @@ class _TwoConnectionSubscription(Subscription):
             )
         except redis.RedisError as err:
             raise self._fail(err) from err
-        out = []
-        for member, score in cast("list[Any]", rows):
-            position = log_generation(score, gen, ceiling)
-            if position is not None:
-                out.append(
-                    (position, member if isinstance(member, bytes) else str(member).encode())
-                )
-        return out
+        return _log_entries(cast("list[Any]", rows), gen, ceiling)
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         if not self._can_heartbeat:
@@ -589,20 +602,7 @@ class _RedisSubscription(Subscription):
             return []
         if rows and not isinstance(rows[0], list):  # RESP2 shape: member, score, ...
             rows = [rows[i : i + 2] for i in range(0, len(rows) - 1, 2)]
-        out = []
-        for row in rows:
-            if not isinstance(row, list) or len(row) != 2:
-                continue
-            member, score = row
-            if isinstance(score, (bytes, str)):
-                try:
-                    score = float(score)
-                except ValueError:
-                    continue
-            position = log_generation(score, gen, ceiling)
-            if position is not None:
-                out.append((position, _as_bytes(member)))
-        return out
+        return _log_entries(rows, gen, ceiling)
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         if not self._can_heartbeat:

@@ -59,7 +59,6 @@ from .base import (
     Bus,
     BusUnavailableError,
     Subscription,
-    log_generation,
     next_generation,
     read_ceiling,
     redact,
@@ -68,6 +67,7 @@ from .redis_bus import (
     _CONNECT_TIMEOUT,
     _SOCKET_TIMEOUT,
     _current,
+    _log_entries,
     _stored_generation,
 )
 
@@ -416,14 +416,7 @@ class _ClusterSubscription(Subscription):
             )
         except _ERRORS as err:
             raise self._fail(err) from err
-        out = []
-        for member, score in cast("list[Any]", rows):
-            position = log_generation(score, gen, ceiling)
-            if position is not None:
-                out.append(
-                    (position, member if isinstance(member, bytes) else str(member).encode())
-                )
-        return out
+        return _log_entries(cast("list[Any]", rows), gen, ceiling)
 
     def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
         if not self._can_heartbeat:

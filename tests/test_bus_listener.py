@@ -13,6 +13,8 @@ import weakref
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sqla_rebalance.bus import listener as listener_mod
 from sqla_rebalance.bus.base import DEFAULT_CHANNEL
@@ -267,3 +269,26 @@ def test_a_fleet_size_from_the_bus_is_believed_only_in_range():
         assert sub.fleet_size is None
     sub.note_fleet_size(7)
     assert sub.fleet_size == 7
+
+
+@given(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=True),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+        st.lists(st.integers(), max_size=3),
+    )
+)
+def test_any_fleet_size_reply_is_believed_only_when_an_int_in_range(value):
+    from sqla_rebalance.bus.base import MAX_FLEET_HINT, Subscription
+
+    class Sub(Subscription):
+        get = generation = since = put_heartbeat = close = None  # type: ignore[assignment]
+
+    sub = Sub()
+    sub.note_fleet_size(value)
+    sane = type(value) is int and 0 <= value <= MAX_FLEET_HINT
+    assert sub.fleet_size == (value if sane else None)

@@ -16,10 +16,11 @@ The :class:`Schedule` fields are written without a lock:
   garbage-collector callback too), cleared when a pass starts. A pass that
   ends while it is set leaves ``next_due`` at 0 instead of its own plan, so
   a request made during a pass is never lost.
-- ``dirty``: set with ``wake``, cleared by the pass when it starts a full
-  scan of the pool's connections. A pass that finds it clear and nothing of
-  its own plan due does only what is due for the hosts (health checks): the
-  pass costs what is due, not what the pool holds.
+- ``dirty``: set with ``wake``, taken (and cleared) by a pass when it
+  starts; a pass that took it does a full scan of the pool's connections.
+  A pass that finds it clear and nothing of its own plan due does only what
+  is due for the hosts (health checks): the pass costs what is due, not what
+  the pool holds. A pass that fails sets it again.
 
 Every write of ``next_due`` is followed by a poke of the worker naming the
 pool (``key``), so that the worker's heap of due times stays exact.
@@ -191,6 +192,7 @@ class Background:
             try:
                 next_due = await _sa.greenlet_spawn(maintain)
             except BaseException:
+                schedule.dirty = True
                 self._pool.logger.exception("maintenance of pool %s failed", self._name)
             finally:
                 schedule.next_due = 0.0 if schedule.wake else next_due
@@ -210,7 +212,8 @@ class Background:
         try:
             refresh_dns()
             next_due = maintain()
-        except BaseException:  # logged; the next pass comes as usual
+        except BaseException:  # logged; the next pass comes as usual, and scans
+            schedule.dirty = True
             self._pool.logger.exception("maintenance of pool %s failed", self._name)
         finally:
             schedule.next_due = 0.0 if schedule.wake else next_due

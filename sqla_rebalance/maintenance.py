@@ -53,13 +53,17 @@ __all__ = ["BATCH", "IDLE_PASS", "Maintenance"]
 
 #: A pool with nothing due is looked at this often anyway (seconds): a safety
 #: net for a change nothing announced, not a schedule.
-IDLE_PASS = 30.0
+IDLE_PASS = 60.0
 
 #: Lifetime replacements due within this many seconds are made in one pass
 #: (each is drawn at random below ``pool_recycle``: a little early is harmless).
 #: Retirements asked for (recycle, rebalance) keep their own moments: a
 #: rollout's rate depends on them.
 BATCH = 0.5
+
+#: A connection due that a pass could not take (checked in or out just then)
+#: is looked at again this soon (seconds).
+MISSED_RETRY = 0.1
 
 
 def _checked_in(rec: ConnectionPoolEntry) -> bool:
@@ -187,17 +191,22 @@ class Maintenance:
         hostset = self.steering.hostset
         schedule = self.background.schedule
 
+        # Taken at the start: a request made from here on (a health check's
+        # finding, say) is for the next pass, which ``wake`` brings at once.
+        dirty, schedule.dirty = schedule.dirty, False
+
         # 0. Hosts: health checks, then move connections if hosts changed.
         if hostset is not None and hostset.seeded:
             self.checks.run_due(now)
             if self.rebalance_requested:
                 self.rebalance_requested = False
-                self.mark_moves(now)
+                # Connections marked to move retire within the spread: this
+                # pass plans them (a host-only pass would leave them IDLE_PASS).
+                dirty = self.mark_moves(now) > 0 or dirty
         ledger = self.ledger
-        if not schedule.dirty and now < self.scan_due and not ledger.retiring:
+        if not dirty and now < self.scan_due and not ledger.retiring:
             # Nothing asked for and nothing of the plan due: the hosts only.
             return min(self.scan_due, self._hosts_due(now, hostset))
-        schedule.dirty = False
         self.scans += 1
         retired: dict[str, int] = {}
         if self.drain_requested:
@@ -361,17 +370,24 @@ class Maintenance:
             next_due = min(next_due, now + min(MAX_SLEEP, self._config.max_idle / 4))
         starts = self.schedule()
         pinned = False
-        for rec, state in list(self.ledger.states.items()):
+        ledger = self.ledger
+        for rec, state in list(ledger.states.items()):
             if state.pinned:
                 pinned = True
                 continue
             due = state.due(starts.get(rec))
-            if due is not None:
-                # Due no later than that, at the first one's time; those within
-                # BATCH after it come along (this pass made those already).
-                at, reason = due
-                if at > now + (BATCH if reason == LIFETIME else 0.0):
-                    next_due = min(next_due, at)
+            if due is None or state.closed:
+                continue
+            # Due no later than that, at the first one's time; those within
+            # BATCH after it come along (this pass made those already).
+            at, reason = due
+            if at > now + (BATCH if reason == LIFETIME else 0.0):
+                next_due = min(next_due, at)
+            elif rec not in ledger.doomed:
+                # Due and still here: this pass could not take it (it was being
+                # checked in or out just then). Soon again, not at IDLE_PASS;
+                # a doomed one is handed over by its checkin, which asks.
+                next_due = min(next_due, max(self.background.retry_at, now + MISSED_RETRY))
         if pinned and self._config.recycle > 0:
             # Shield pinned connections from SQLAlchemy's own recycle at checkout
             # (``Ledger.shield`` moves their start time once it is half a recycle old).

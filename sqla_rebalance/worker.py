@@ -214,7 +214,10 @@ class MaintenanceWorker:
             changed.clear()
             self._run_due()
             self.passes += 1
-            wake = self._heap[0][0] if self._heap else float("inf")
+            heap, due = self._heap, self._due
+            while heap and due.get(heap[0][2]) != heap[0][0]:
+                heapq.heappop(heap)  # stale: never wake up for it
+            wake = heap[0][0] if heap else float("inf")
             timeout = min(wake - clock.now(), timers_due - time.monotonic())
             if timeout > 0:
                 with contextlib.suppress(queue.Empty):

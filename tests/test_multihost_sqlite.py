@@ -257,3 +257,33 @@ def test_a_retire_mark_does_not_outlive_the_connection_it_was_for(files, monkeyp
     assert rec.dbapi_connection is new_dbapi
     assert not pool._ledger.retiring
     engine.dispose()
+
+
+def test_a_rebalance_is_carried_out_even_when_its_request_was_taken_by_another_pass(
+    files, monkeypatch
+):
+    """Hosts changed while a pass was running: that pass took the request (the
+    ``dirty`` flag) and the next one only finds ``rebalance_requested``. It marks
+    connections to move: it must plan their retirement, not leave them for the
+    idle safety net (a minute later)."""
+    manual_maintenance(monkeypatch)
+    engine = create_engine(
+        f"sqlite:///{files[0]}",
+        poolclass=RebalancingQueuePool,
+        hosts=files[:1],
+        pool_size=4,
+        max_overflow=0,
+        rebalance_spread=0.0,
+        health_check_interval=None,
+    )
+    try:
+        fill(engine, 4)
+        pool = engine.pool
+        pool._maintenance.maintain()
+        pool.set_hosts(files[:2])
+        pool._schedule.dirty = False  # taken by a pass that ran meanwhile
+        pool._maintenance.maintain()
+        assert pool.stats().retirements["rebalance"] == 2
+        assert sorted(h.open for h in pool.stats().hosts.values()) == [2, 2]
+    finally:
+        engine.dispose()

@@ -657,3 +657,61 @@ def test_the_worker_dispatches_only_the_pools_that_are_due():
         for p in pools:
             worker.unregister(p)
         wait_for(lambda: worker.thread is None)
+
+
+def test_the_worker_never_sleeps_towards_a_stale_due_time():
+    """A pool whose due time moved later leaves a stale heap entry behind; the worker
+    drops it before sleeping instead of waking up for it (a wasted wake-up per pass)."""
+    from sqla_rebalance import clock as sched_clock
+    from sqla_rebalance.worker import MaintenanceWorker
+
+    class Fake:
+        def __init__(self) -> None:
+            self._next_due = sched_clock.now() + 50.0
+
+        def _run_maintenance(self) -> None:  # pragma: no cover - never due here
+            self._next_due = sched_clock.now() + 1000.0
+
+    worker = MaintenanceWorker()
+    pool = Fake()
+    worker.register(pool)
+    try:
+        wait_for(lambda: id(pool) in worker._due)
+        pool._next_due = sched_clock.now() + 1000.0
+        worker.poke(id(pool))
+
+        def heap_top_is_live() -> bool:
+            heap = list(worker._heap)
+            return bool(heap) and heap[0][0] > sched_clock.now() + 100
+
+        wait_for(heap_top_is_live, timeout=5)
+    finally:
+        worker.unregister(pool)
+        wait_for(lambda: worker.thread is None)
+
+
+def test_a_due_connection_a_pass_could_not_take_is_looked_at_again_soon(clock, engine_factory):
+    """A connection due to retire that was neither idle nor checked out while the pass
+    ran (a health check had borrowed it) is looked at again at once, not only when
+    the idle safety net comes round."""
+    from sqla_rebalance import _sa
+    from sqla_rebalance.lifetime import state_of
+    from sqla_rebalance.maintenance import IDLE_PASS, MISSED_RETRY
+
+    pool = engine_factory().pool
+    open_n(pool, 2)
+    maintenance = pool._maintenance
+    maintenance.maintain()
+    rec = _sa.idle_records(pool)[0]
+    state = state_of(rec)
+    assert state is not None
+    state.retire_at, state.retire_reason = clock.now - 1, "rebalance"
+    assert _sa.remove_idle(pool, rec)  # borrowed while the pass runs
+    pool._schedule.request()
+    due = maintenance.maintain()
+    assert pool.stats().retirements["rebalance"] == 0
+    assert due <= clock.now + MISSED_RETRY < clock.now + IDLE_PASS
+    _sa.queue_pool_return(pool, rec)  # given back
+    clock.now = due
+    maintenance.maintain()
+    assert pool.stats().retirements["rebalance"] == 1

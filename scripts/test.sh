@@ -57,6 +57,7 @@ step "benchmark smoke run (--check: promises gate CI; timing targets are only pr
 .venv/bin/python benchmarks/pg_bus_modes.py --quick --check
 .venv/bin/python benchmarks/rate_rollout.py --quick --check
 .venv/bin/python benchmarks/worker_cost.py --quick --check
+.venv/bin/python benchmarks/fleet_scale.py --real 16 --fleet 1000 --check
 
 step "docs"
 .venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"

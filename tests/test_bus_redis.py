@@ -990,3 +990,81 @@ def test_a_heartbeat_learns_the_fleet_size_in_the_same_round_trip(bus):
         assert sub.fleet_size == 2
     finally:
         sub.close()
+
+
+def test_wait_reads_only_the_processes_that_have_not_acknowledged(bus, tmp_path, apps, monkeypatch):
+    """Each listener acknowledges a command with its heartbeat (a set per command):
+    ``wait_for`` reads the heartbeats of the processes not in it, and counts the
+    others; its answer still comes from one full look at the end."""
+    from sqla_rebalance.bus.redis_bus import RedisBus, ack_keys
+
+    apps += start_apps(3, db=f"sqlite:///{tmp_path}/app.db", bus=bus, pool="p", secret=SECRET)
+    poll(lambda: len(fleet_status(bus)) == 3, timeout=20)
+    sent = send_command(bus, "recycle", pool="p", secret=SECRET)
+    assert wait_for(bus, sent.generation, pool="p", timeout=20).complete
+    target = open_bus(bus)
+    ack, hit = ack_keys(target.channel, sent.generation, "p")
+    client = redis.Redis.from_url(bus.split("?")[0])
+    try:
+        poll(lambda: client.scard(ack) == 3, timeout=20)
+        idents = {m.decode() for m in client.smembers(ack)}
+        assert idents == {p.process for p in fleet_status(bus)} == {a.process for a in apps}
+        assert {m.decode() for m in client.smembers(hit)} == idents
+        assert 0 < client.ttl(ack) <= 3600
+    finally:
+        client.close()
+
+    looks: list[int] = []
+    full: list[int] = []
+    original_acks, original_full = RedisBus.acknowledgements, RedisBus.heartbeats
+
+    def spy_acks(self, generation, pattern):
+        view = original_acks(self, generation, pattern)
+        looks.append(len(view.heartbeats))
+        return view
+
+    def spy_full(self):
+        full.append(1)
+        return original_full(self)
+
+    monkeypatch.setattr(RedisBus, "acknowledgements", spy_acks)
+    monkeypatch.setattr(RedisBus, "heartbeats", spy_full)
+    result = wait_for(bus, sent.generation, pool="p", timeout=20)
+    assert result.complete and len(result.applied) == 3
+    assert looks == [0]  # every process acknowledged: no heartbeat read at the look
+    assert full == [1]  # the final answer
+
+
+def test_a_process_that_has_not_acknowledged_is_pending(bus, tmp_path, apps):
+    """A process that has not applied the command is not in the set: it is read,
+    and reported pending; junk in the acknowledgement keys is not believed."""
+    from sqla_rebalance.bus.redis_bus import ack_keys
+
+    (app,) = start_apps(1, db=f"sqlite:///{tmp_path}/app.db", bus=bus, pool="p", secret=SECRET)
+    apps.append(app)
+    poll(lambda: [p.process for p in fleet_status(bus)] == [app.process], timeout=20)
+    os.kill(app.proc.pid, 19)  # SIGSTOP
+    try:
+        sent = send_command(bus, "recycle", pool="p", secret=SECRET)
+        target = open_bus(bus)
+        ack, hit = ack_keys(target.channel, sent.generation, "p")
+        client = redis.Redis.from_url(bus.split("?")[0])
+        try:
+            client.sadd(hit, *(f"forged-{i}" for i in range(50)))  # counted, never read
+            view = target.acknowledgements(sent.generation, "p")
+            assert view is not None and view.applied == 50 and len(view.heartbeats) == 1
+            result = wait_for(bus, sent.generation, pool="p", timeout=1.0)
+            assert not result.complete
+            assert [p.process for p in result.pending] == [app.process]
+            client.delete(hit)
+            client.set(ack, "not a set")  # WRONGTYPE: read every heartbeat instead
+            assert target.acknowledgements(sent.generation, "p") is None
+            assert not wait_for(bus, sent.generation, pool="p", timeout=0.5).complete
+            client.delete(ack)
+        finally:
+            client.close()
+            target.close()
+    finally:
+        os.kill(app.proc.pid, 18)  # SIGCONT
+    result = wait_for(bus, sent.generation, pool="p", timeout=20)
+    assert result.complete and [p.process for p in result.applied] == [app.process]

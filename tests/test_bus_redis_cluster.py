@@ -131,15 +131,23 @@ def test_every_key_of_a_channel_is_in_one_slot(cluster, bus, tmp_path):
         try:
             owner = cluster.node_for(f"{{{channel}}}")
             direct = redis.Redis(host=owner.host, port=owner.port)
+            # Acknowledged with the next heartbeat (the pattern "*" is part of the key).
+            poll(lambda: direct.exists(f"{{{channel}}}:ack:{sent.generation}:*"))
             keys = sorted(k.decode() for k in direct.keys(f"{{{channel}}}:*"))
             direct.close()
             process = pool.stats().bus.process
             assert keys == [
+                f"{{{channel}}}:ack:{sent.generation}:*",  # the acknowledgements of the command
                 f"{{{channel}}}:gen",
                 f"{{{channel}}}:hb",
                 f"{{{channel}}}:hb:{process}",
+                f"{{{channel}}}:hit:{sent.generation}:*",
                 f"{{{channel}}}:log",
             ]
+            assert client.smembers(keys[0]) == {process.encode()}
+            # The heartbeat's round trip also told the listener the fleet's size.
+            listener = pool.listener
+            assert listener is not None and listener._fleet == 1
             assert len({client.keyslot(k) for k in keys}) == 1
             assert int(client.get(f"{{{channel}}}:gen")) == sent.generation
             # The wake-up goes over the shard channel, on the node of the slot.

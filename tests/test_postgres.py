@@ -207,7 +207,17 @@ def test_engine_cycles_leak_nothing_on_the_server(pg_url, admin):
     def fds():
         return len(os.listdir("/proc/self/fd"))
 
-    wait_for(lambda: gc.collect() is not None and get_worker().thread is None)
+    def worker_gone() -> bool:
+        gc.collect()
+        return get_worker().thread is None
+
+    try:  # an earlier test's network deadline may keep the worker up to its end
+        wait_for(worker_gone, timeout=60)
+    except AssertionError:
+        worker = get_worker()
+        pools = [ref() for ref in worker._pools.values()]
+        timers = [(t.when - time.monotonic(), t.callback) for _w, _s, t in worker._timers]
+        raise AssertionError(f"the worker stays up: pools {pools}, timers {timers}") from None
     base_server, base_fds, base_threads = server_connections(), fds(), threading.active_count()
     for _ in range(200):
         engine = create_engine(

@@ -18,6 +18,7 @@ parameter separates independent fleets on one server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -485,6 +486,22 @@ class _Progress:
         self.first: dict[str, tuple[int, int]] = {}  # process: (open, signal) when first seen
         self.retired: dict[str, int] = {}
         self.all_applied_at: float | None = None
+        #: The most processes counted done by their acknowledgements at one look,
+        #: and those seen pending there that went away.
+        self.acknowledged = 0
+        self.lost: set[str] = set()
+
+    def look_acknowledged(self, applied: int, pending: int) -> WaitProgress:
+        """A look from the acknowledgements (no figures of connections)."""
+        self.acknowledged = max(self.acknowledged, applied)
+        applied = max(self.acknowledged, len(self.applied))
+        elapsed = time.monotonic() - self.started
+        phase, eta = "applying", (elapsed * pending / applied if applied else None)
+        if applied and not pending:
+            phase, eta = "done", 0.0
+        return WaitProgress(
+            self.generation, elapsed, applied, pending, len(self.lost), eta=eta, phase=phase
+        )
 
     def look(
         self, procs: list[ProcessStatus], applied: list[ProcessStatus], pending: int, lost: int
@@ -518,9 +535,9 @@ class _Progress:
         return WaitProgress(
             self.generation,
             elapsed,
-            len(self.applied),
+            max(len(self.applied), self.acknowledged),
             pending,
-            lost,
+            max(lost, len(self.lost)),
             connections,
             retired,
             eta,
@@ -569,10 +586,61 @@ def wait_for(
     ):
         raise ValueError("rollout must be a finite number of seconds >= 0")
     target = open_bus(bus)
+    try:
+        return _wait(target, generation, pool, timeout, interval, progress, rollout, host)
+    finally:
+        target.close()  # a reader client kept for the looks
+
+
+def _ack_look(
+    target: Bus, generation: int, pool: str, waiting: dict[str, ProcessStatus], counts: _Progress
+) -> WaitProgress | None:
+    """One cheap look, from the command's acknowledgements: only the processes
+    that have not acknowledged it are read. None: the transport keeps none."""
+    acks = target.acknowledgements(generation, pool)
+    if acks is None:
+        return None
+    now = time.time()
+    procs = []
+    for raw in acks.heartbeats:
+        with contextlib.suppress(ValueError):  # junk: the final full look counts it
+            proc = parse_heartbeat(raw, now)
+            if proc.has_pool(pool):
+                procs.append(proc)
+    applied = [p for p in procs if p.has_applied(generation, pool)]
+    pending = [p for p in procs if not p.has_applied(generation, pool)]
+    waiting.update((p.process, p) for p in pending)
+    counts.lost.update(name for name in acks.gone if name in waiting)
+    return counts.look_acknowledged(acks.applied + len(applied), len(pending))
+
+
+def _wait(
+    target: Bus,
+    generation: int,
+    pool: str,
+    timeout: float,
+    interval: float,
+    progress: Callable[[WaitProgress], None] | None,
+    rollout: float | None,
+    host: str | None,
+) -> WaitResult:
     deadline = time.monotonic() + timeout
     waiting: dict[str, ProcessStatus] = {}
     counts = _Progress(generation, pool, host, rollout)
+    # Following a rollout needs every matching process's figures: heartbeats.
+    use_acks = rollout is None
     while True:
+        if use_acks:
+            state = _ack_look(target, generation, pool, waiting, counts)
+            if state is None:
+                use_acks = False
+            elif state.phase != "done" and time.monotonic() < deadline:
+                if progress is not None:
+                    progress(state)
+                time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+                continue
+            # Done (or out of time) by the acknowledgements: the answer, with
+            # its lists of processes, comes from one full look.
         fleet = read_fleet(target)
         procs = [p for p in fleet.processes if p.has_pool(pool)]
         applied = [p for p in procs if p.has_applied(generation, pool)]

@@ -33,7 +33,8 @@ import math
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlencode
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "FUTURE_LIMIT",
     "LOG_LENGTH",
     "MAX_GENERATION",
+    "Ack",
+    "Acknowledgements",
     "Bus",
     "BusDataError",
     "BusUnavailableError",
@@ -189,6 +192,31 @@ def split_channel(url: str, default: str = DEFAULT_CHANNEL) -> tuple[str, str]:
 MAX_FLEET_HINT = 10_000_000
 
 
+#: What a listener acknowledges with its heartbeat: ``(generation, the command's
+#: pool pattern, whether this process has a pool matching it)``, once every
+#: such pool has applied it (see ``listener.py``).
+Ack = tuple[int, str, bool]
+
+
+@dataclass(frozen=True)
+class Acknowledgements:
+    """One look at the acknowledgements of a command, for ``wait_for``.
+
+    A transport that keeps them answers in O(processes not done) instead of
+    reading every heartbeat: the processes that acknowledged are counted,
+    not read. Untrusted like the heartbeats (anybody who can write the bus
+    can write them): they only shorten the look; the final answer of
+    ``wait_for`` comes from the heartbeats.
+    """
+
+    #: Processes that acknowledged with a pool matching the pattern.
+    applied: int
+    #: Heartbeats of the live processes that have not acknowledged.
+    heartbeats: list[bytes]
+    #: Processes found gone meanwhile (their heartbeat expired).
+    gone: list[str]
+
+
 class Subscription(ABC):
     """A live connection to the wake-up channel (one listener thread uses it)."""
 
@@ -242,8 +270,11 @@ class Subscription(ABC):
         """
 
     @abstractmethod
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
-        """Publish this process's status, visible for ``ttl`` seconds."""
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
+        """Publish this process's status, visible for ``ttl`` seconds, and its
+        acknowledgements of commands (transports that keep none ignore them)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -254,8 +285,10 @@ class Bus(ABC):
     """One transport at one URL.
 
     A bus object holds no connection of its own between calls, so it can be
-    shared by pools and survive ``fork()``: each call of :meth:`publish`,
-    :meth:`heartbeats` and :meth:`subscribe` opens what it needs.
+    shared by pools and survive ``fork()``: each call of :meth:`publish` and
+    :meth:`subscribe` opens what it needs. Readers that look many times (the
+    Redis buses' :meth:`heartbeats` and :meth:`acknowledgements`, for
+    ``wait_for``) may keep one client until :meth:`close`.
     """
 
     #: URL schemes this transport serves.
@@ -302,6 +335,12 @@ class Bus(ABC):
     @abstractmethod
     def heartbeats(self) -> list[bytes]:
         """The live processes' latest heartbeats."""
+
+    def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
+        """Who has not acknowledged command ``generation`` (sent to the pools
+        matching ``pattern``); None when this transport keeps no acknowledgements
+        (``wait_for`` then reads every heartbeat at each look)."""
+        return None
 
     @abstractmethod
     def subscribe(self) -> Subscription:

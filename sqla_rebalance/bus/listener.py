@@ -49,7 +49,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from . import registry
-from .base import Bus, BusDataError, BusUnavailableError, Subscription
+from .base import Ack, Bus, BusDataError, BusUnavailableError, Subscription
 from .coalescing import Pending as _Pending
 from .heartbeat import bus_stats, status_payload
 from .message import REJECTION_KINDS, REPLAYED, STALE, Command, Rejected, decode
@@ -102,6 +102,9 @@ _BACKOFF_MAX = 30.0
 #: A connection that stayed up this long resets the backoff.
 _STABLE = 5.0
 _RECENT = 4096
+#: Commands waiting to be acknowledged (their pools still applying them): the
+#: oldest is dropped past this many (its ``--wait`` falls back to heartbeats).
+_ACKS_HELD = 64
 #: Messages handled in a row before the thread lets the others run. A flood must
 #: not hold the GIL: the application's threads would wait for it up to the
 #: switch interval (5 ms) at each step. Measured (benchmarks/bus_flood.py, 10,000
@@ -190,6 +193,8 @@ class Listener:
         self._heartbeat_due = 0.0
         #: About how many processes share the channel (``Subscription.fleet_size``).
         self._fleet: int | None = None
+        #: Commands accepted and not acknowledged yet, by generation (see :meth:`_acks`).
+        self._to_ack: dict[int, Command] = {}
         #: Heartbeats come every second at first (the pools are still filling),
         #: then every HEARTBEAT_INTERVAL.
         self._fast_heartbeats_until = 0.0
@@ -453,6 +458,9 @@ class Listener:
             ):
                 self._dispatch(pool, member, command, cutoff, time.monotonic())
         self._settle()
+        if len(self._to_ack) >= _ACKS_HELD:
+            self._to_ack.pop(next(iter(self._to_ack)))
+        self._to_ack[gen] = command
         self._heartbeat_due = min(self._heartbeat_due, self._ack_due(time.monotonic()))
         return True
 
@@ -532,10 +540,25 @@ class Listener:
         fast = now < self._fast_heartbeats_until
         self._heartbeat_due = now + (1.0 if fast else HEARTBEAT_INTERVAL)
         payload = json.dumps(self.status(time.time()), separators=(",", ":")).encode()
-        sub.put_heartbeat(self.ident, payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR)
+        acks = self._acks()
+        sub.put_heartbeat(self.ident, payload, HEARTBEAT_INTERVAL * HEARTBEAT_TTL_FACTOR, acks)
+        for gen, _pattern, _hit in acks:  # written: a failed write keeps them for the next
+            self._to_ack.pop(gen, None)
         if sub.fleet_size is not None:
             self._fleet = sub.fleet_size
         self.heartbeats += 1
+
+    def _acks(self) -> list[Ack]:
+        """The commands every pool they were meant for has now applied (settled),
+        to acknowledge with this heartbeat: ``recycle --wait`` then counts this
+        process as done without reading its heartbeat."""
+        members = [(pool.pool_name, member) for pool, member in self.pools()]
+        out: list[Ack] = []
+        for gen, command in self._to_ack.items():
+            matching = [m for name, m in members if command.matches(name)]
+            if all(m.settled >= gen for m in matching):
+                out.append((gen, command.pool, bool(matching)))
+        return out
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         """This process's part of ``sqla-rebalance status`` (JSON-able)."""

@@ -47,7 +47,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -59,6 +59,7 @@ from ..deadlines import Deadline
 from ..errors import ConfigurationError
 from .base import (
     LOG_LENGTH,
+    Ack,
     Bus,
     BusUnavailableError,
     Subscription,
@@ -419,7 +420,9 @@ class _PostgresSubscription(Subscription):
         except psycopg.Error as err:
             raise self._fail(err) from err
 
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
         if not self._can_heartbeat:
             return
         try:
@@ -521,7 +524,9 @@ class _PollSubscription(PollingSubscription):
         except psycopg.Error as err:
             raise self._bus._error(err) from err
 
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
         """Written with the next read when it comes within a second (one connection
         for both), else now."""
         if not self._can_heartbeat:

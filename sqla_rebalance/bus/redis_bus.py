@@ -13,6 +13,11 @@ Keys, all under the channel name (default ``sqla_rebalance``):
   scored by generation;
 - ``<channel>:hb:<process>``: each live listener's heartbeat, with a TTL, and
   ``<channel>:hb``: the set of their names (pruned by readers when one expires);
+- ``<channel>:ack:<generation>:<pattern>``: the processes that applied a command
+  (to every pool of theirs matching its pattern), and ``<channel>:hit:...`` those
+  of them that have such a pool: written with the heartbeat, kept an hour
+  (:data:`ACK_TTL`). ``recycle --wait`` reads who is *not* there (``SDIFF`` of
+  the heartbeat index) and counts who is, instead of reading every heartbeat;
 - pub/sub channel ``<channel>:commands``: the wake-up hint.
 
 A publish is one ``WATCH``/``MULTI`` transaction (generation, log, publish),
@@ -39,7 +44,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
@@ -51,6 +56,8 @@ from redis.sentinel import Sentinel
 from ..errors import ConfigurationError
 from .base import (
     LOG_LENGTH,
+    Ack,
+    Acknowledgements,
     Bus,
     BusDataError,
     BusUnavailableError,
@@ -81,6 +88,69 @@ _HEALTH_CHECK_INTERVAL = 5
 _IDLE_PING_AFTER = 10.0
 #: The client name of the listener's connection (``CLIENT LIST``).
 _LISTENER_NAME = "sqla-rebalance-listener"
+#: Seconds a command's acknowledgements are kept: longer than any ``--wait``.
+ACK_TTL = 3600
+#: Largest count of acknowledgements believed (a reply is untrusted).
+_MAX_COUNT = 10**7
+
+
+def ack_keys(base: str, gen: int, pattern: str) -> tuple[str, str]:
+    """The acknowledgement sets of command ``gen`` (for pools matching ``pattern``):
+    the processes that applied it, and those of them with a matching pool."""
+    return f"{base}:ack:{gen}:{pattern}", f"{base}:hit:{gen}:{pattern}"
+
+
+def ack_commands(base: str, process: str, acks: Sequence[Ack]) -> list[tuple[Any, ...]]:
+    """The commands that write ``acks`` (sent in the heartbeat's round trip)."""
+    out: list[tuple[Any, ...]] = []
+    for gen, pattern, hit in acks:
+        ack, hits = ack_keys(base, gen, pattern)
+        out += [("SADD", ack, process), ("EXPIRE", ack, ACK_TTL)]
+        if hit:
+            out += [("SADD", hits, process), ("EXPIRE", hits, ACK_TTL)]
+    return out
+
+
+def _members(reply: Any) -> list[bytes]:
+    """Set members as bytes, sorted (a junk member, not UTF-8, must not break a read)."""
+    if not isinstance(reply, (list, set, tuple)):
+        return []
+    return sorted(m if isinstance(m, bytes) else str(m).encode() for m in reply)
+
+
+def read_heartbeats(
+    client: Any, index: str, prefix: str, members: list[bytes]
+) -> tuple[list[bytes], list[bytes]]:
+    """The heartbeats of ``members`` of the index, and the members whose heartbeat
+    expired (removed from the index: the process exited or lost the bus)."""
+    keys = [prefix.encode() + m for m in members]
+    values = cast("list[Any]", client.mget(keys)) if keys else []
+    gone = [m for m, v in zip(members, values, strict=True) if v is None]
+    if gone:
+        client.srem(index, *gone)
+    found = [v if isinstance(v, bytes) else str(v).encode() for v in values if v is not None]
+    return found, gone
+
+
+def read_acknowledgements(
+    client: Any, index: str, prefix: str, keys: tuple[str, str]
+) -> Acknowledgements | None:
+    """One look for ``wait_for``: the index minus the acknowledgement set (the
+    processes not done, whose heartbeats are read), and the count of hits.
+    None when a key holds something else than a set (junk): ``wait_for`` then
+    reads every heartbeat, as without acknowledgements."""
+    ack, hits = keys
+    try:
+        # Two calls, not a pipeline: Redis Cluster refuses multi-key commands
+        # in one (the keys share the channel's slot; SDIFF alone is fine).
+        missing = client.sdiff(index, ack)
+        applied = client.scard(hits)
+    except redis.ResponseError:
+        return None  # WRONGTYPE: a key that is not ours
+    found, gone = read_heartbeats(client, index, prefix, _members(missing))
+    if isinstance(applied, bool) or not isinstance(applied, int) or not 0 <= applied <= _MAX_COUNT:
+        applied = 0
+    return Acknowledgements(applied, found, [g.decode("utf-8", "replace") for g in gone])
 
 
 class _PubSub(PubSub):
@@ -175,6 +245,7 @@ class RedisBus(Bus):
         self.sentinel = (
             _sentinel_target(url) if url.lower().startswith(("redis+", "rediss+")) else None
         )
+        self._reader_client: redis.Redis | None = None
 
     def _keys(self) -> tuple[str, str, str]:
         c = self.channel
@@ -254,27 +325,39 @@ class RedisBus(Bus):
         finally:
             client.close()
 
+    def _reader(self) -> redis.Redis:
+        """One client kept for the reads of ``status`` and ``wait_for`` (which
+        looks several times a second): not a new connection per look."""
+        if self._reader_client is None:
+            self._reader_client = self.client()
+        return self._reader_client
+
+    def close(self) -> None:
+        client, self._reader_client = self._reader_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
     def heartbeats(self) -> list[bytes]:
-        # An index set of the heartbeat keys, not a SCAN of the whole database:
-        # ``recycle --wait`` reads this several times a second.
+        # An index set of the heartbeat keys, not a SCAN of the whole database.
         index = f"{self.channel}:hb"
-        client = self.client()
         try:
-            # Keys as bytes: a junk member (not UTF-8) must not break the read.
-            members = sorted(
-                m if isinstance(m, bytes) else str(m).encode() for m in client.smembers(index)
-            )
-            prefix = f"{self.channel}:hb:".encode()
-            keys = [prefix + m for m in members]
-            values = client.mget(keys) if keys else []
-            gone = [m for m, v in zip(members, values, strict=True) if v is None]
-            if gone:  # expired: the process exited or lost the bus
-                client.srem(index, *gone)
+            client = self._reader()
+            members = _members(client.smembers(index))
+            found, _gone = read_heartbeats(client, index, f"{index}:", members)
         except redis.RedisError as err:
+            self.close()
             raise self._error(err) from err
-        finally:
-            client.close()
-        return [v if isinstance(v, bytes) else str(v).encode() for v in values if v is not None]
+        return found
+
+    def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
+        index = f"{self.channel}:hb"
+        try:
+            keys = ack_keys(self.channel, generation, pattern)
+            return read_acknowledgements(self._reader(), index, f"{index}:", keys)
+        except redis.RedisError as err:
+            self.close()
+            raise self._error(err) from err
 
     def subscribe(self) -> Subscription:
         try:
@@ -361,7 +444,9 @@ class _TwoConnectionSubscription(Subscription):
             raise self._fail(err) from err
         return _log_entries(cast("list[Any]", rows), gen, ceiling)
 
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
         if not self._can_heartbeat:
             return
         channel = self._bus.channel
@@ -369,6 +454,8 @@ class _TwoConnectionSubscription(Subscription):
             pipe = self._client.pipeline(transaction=False)
             pipe.set(f"{channel}:hb:{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(f"{channel}:hb", process)
+            for command in ack_commands(channel, process, acks):
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
             pipe.scard(f"{channel}:hb")  # the fleet's size, to spread acknowledgements
             self.note_fleet_size(pipe.execute()[-1])
         except redis.exceptions.NoPermissionError as err:  # an ACL without SET/SADD
@@ -604,13 +691,16 @@ class _RedisSubscription(Subscription):
             rows = [rows[i : i + 2] for i in range(0, len(rows) - 1, 2)]
         return _log_entries(rows, gen, ceiling)
 
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
         if not self._can_heartbeat:
             return
         channel = self._bus.channel
         replies = self._execute(
             ("SET", f"{channel}:hb:{process}", payload, "PX", max(1, int(ttl * 1000))),
             ("SADD", f"{channel}:hb", process),
+            *ack_commands(channel, process, acks),
             ("SCARD", f"{channel}:hb"),  # the fleet's size, to spread acknowledgements
         )
         errors = [r for r in replies if isinstance(r, Exception)]

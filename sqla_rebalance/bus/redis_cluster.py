@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
@@ -56,6 +56,8 @@ from redis.retry import Retry
 from ..errors import ConfigurationError
 from .base import (
     LOG_LENGTH,
+    Ack,
+    Acknowledgements,
     Bus,
     BusUnavailableError,
     Subscription,
@@ -68,7 +70,12 @@ from .redis_bus import (
     _SOCKET_TIMEOUT,
     _current,
     _log_entries,
+    _members,
     _stored_generation,
+    ack_commands,
+    ack_keys,
+    read_acknowledgements,
+    read_heartbeats,
 )
 
 __all__ = ["RedisClusterBus"]
@@ -201,6 +208,7 @@ class RedisClusterBus(Bus):
         super().__init__(url, channel)
         #: The seed nodes and connection options of the URL.
         self.target = _cluster_target(url)
+        self._reader_client: RedisCluster | None = None
 
     def _keys(self) -> tuple[str, str, str]:
         tag = f"{{{self.channel}}}"
@@ -290,28 +298,39 @@ class RedisClusterBus(Bus):
             if client is not None:
                 client.close()
 
+    def _reader(self) -> RedisCluster:
+        """One client kept for ``status`` and ``wait_for`` (see ``RedisBus._reader``)."""
+        if self._reader_client is None:
+            self._reader_client = self.client()
+        return self._reader_client
+
+    def close(self) -> None:
+        client, self._reader_client = self._reader_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
     def heartbeats(self) -> list[bytes]:
         # As the Redis bus: an index set of the heartbeat keys, never a SCAN.
         index, prefix = self._hb_keys()
-        client = None
         try:
-            client = self.client()
-            # Keys as bytes: a junk member (not UTF-8) must not break the read.
-            members = sorted(
-                m if isinstance(m, bytes) else str(m).encode()
-                for m in cast(Any, client.smembers(index))
-            )
-            keys = [prefix.encode() + m for m in members]
-            values = cast("list[Any]", client.mget(keys)) if keys else []
-            gone = [m for m, v in zip(members, values, strict=True) if v is None]
-            if gone:  # expired: the process exited or lost the bus
-                client.srem(index, *gone)
+            client = self._reader()
+            members = _members(client.smembers(index))
+            found, _gone = read_heartbeats(client, index, prefix, members)
         except _ERRORS as err:
+            self.close()
             raise self._error(err) from err
-        finally:
-            if client is not None:
-                client.close()
-        return [v if isinstance(v, bytes) else str(v).encode() for v in values if v is not None]
+        return found
+
+    def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
+        # Keys under the channel's hash tag: SDIFF with the index is one slot.
+        index, prefix = self._hb_keys()
+        try:
+            keys = ack_keys(f"{{{self.channel}}}", generation, pattern)
+            return read_acknowledgements(self._reader(), index, prefix, keys)
+        except _ERRORS as err:
+            self.close()
+            raise self._error(err) from err
 
     def subscribe(self) -> Subscription:
         return _ClusterSubscription(self)
@@ -418,7 +437,9 @@ class _ClusterSubscription(Subscription):
             raise self._fail(err) from err
         return _log_entries(cast("list[Any]", rows), gen, ceiling)
 
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
         if not self._can_heartbeat:
             return
         assert self._client is not None
@@ -427,7 +448,10 @@ class _ClusterSubscription(Subscription):
             pipe = self._client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
             pipe.set(f"{prefix}{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(index, process)
-            pipe.execute()
+            for command in ack_commands(f"{{{self._bus.channel}}}", process, acks):
+                pipe.execute_command(*command)
+            pipe.scard(index)  # the fleet's size, to spread acknowledgements
+            self.note_fleet_size(pipe.execute()[-1])
         except redis.exceptions.NoPermissionError as err:  # an ACL without SET/SADD
             self.heartbeats_refused(self._bus, err)
         except _ERRORS as err:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 from .base import (
     LOG_LENGTH,
+    Ack,
     Bus,
     BusUnavailableError,
     Subscription,
@@ -204,7 +205,9 @@ class _SQLiteSubscription(PollingSubscription):
         except sqlite3.Error as err:
             raise self._fail(err) from err
 
-    def put_heartbeat(self, process: str, payload: bytes, ttl: float) -> None:
+    def put_heartbeat(
+        self, process: str, payload: bytes, ttl: float, acks: Sequence[Ack] = ()
+    ) -> None:
         now = time.time()
         try:
             self._conn.execute(

@@ -207,7 +207,7 @@ def real_fleet(url: str, tmp: str, n: int, failures: list[str]) -> None:
     from sqla_rebalance.bus import fleet_status, open_bus, send_command, wait_for
     from sqla_rebalance.bus.redis_bus import RedisBus
 
-    channel = "fleet-real"
+    channel = "fleet_real"
     bus = f"{url}?channel={channel}"
     client = redis.Redis.from_url(url)
     clients0 = int(client.info("clients")["connected_clients"])

@@ -1068,3 +1068,102 @@ def test_a_process_that_has_not_acknowledged_is_pending(bus, tmp_path, apps):
         os.kill(app.proc.pid, 18)  # SIGCONT
     result = wait_for(bus, sent.generation, pool="p", timeout=20)
     assert result.complete and [p.process for p in result.applied] == [app.process]
+
+
+def _documented_acls(channel: str) -> list[list[str]]:
+    """The ``ACL SETUSER`` commands of docs/commands.md, for ``channel``."""
+    text = (ROOT / "docs" / "commands.md").read_text()
+    block = text.split("**ACLs.**", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    commands: list[list[str]] = []
+    for line in block.splitlines():
+        if line.startswith("ACL SETUSER"):
+            commands.append(line.split())
+        elif line.strip():
+            commands[-1] += line.split()
+    return [[word.replace("sqla_rebalance", channel) for word in c] for c in commands]
+
+
+def test_the_documented_acls_are_enough(redis_server, bus, tmp_path, caplog):
+    """The listener and operator users exactly as docs/commands.md gives them: heartbeats,
+    acknowledgements and the fleet size are written, commands arrive, and the operator
+    sends, reads status and waits; nothing is refused."""
+    channel = open_bus(bus).channel
+    admin = redis.Redis(host=redis_server.host, port=redis_server.port)
+    acls = _documented_acls(channel)
+    assert [c[2] for c in acls] == ["sqla_listener", "sqla_operator"]
+    for command in acls:
+        password = f"{command[2]}-pass"
+        admin.execute_command(*(f">{password}" if w.startswith(">") else w for w in command))
+    where = f"{redis_server.host}:{redis_server.port}/0?channel={channel}"
+    listener_bus = f"redis://sqla_listener:sqla_listener-pass@{where}"
+    operator_bus = f"redis://sqla_operator:sqla_operator-pass@{where}"
+    caplog.set_level("WARNING", logger="sqla_rebalance")
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/app.db",
+        poolclass=RebalancingQueuePool,
+        broadcast=listener_bus,
+        broadcast_secret=SECRET,
+        min_recycle_interval=0,
+    )
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        pool = engine.pool
+        poll(lambda: len(fleet_status(operator_bus)) == 1, timeout=20)
+        sent = send_command(operator_bus, "recycle", secret=SECRET)
+        assert wait_for(operator_bus, sent.generation, timeout=20).complete
+        process = pool.stats().bus.process
+        ack_key = f"{channel}:ack:{sent.generation}:*"
+        poll(lambda: admin.smembers(ack_key) == {process.encode()}, timeout=20)
+        assert pool.listener is not None and pool.listener._fleet == 1  # SCARD allowed
+        assert pool.stats().bus.reconnects == 0
+        assert not [r for r in caplog.records if "cannot write" in r.getMessage()]
+    finally:
+        engine.dispose()
+        admin.acl_deluser("sqla_listener", "sqla_operator")
+        admin.close()
+
+
+@pytest.mark.parametrize("kind", ["one connection", "two connections"])
+def test_a_junk_acknowledgement_key_costs_only_that_acknowledgement(redis_server, bus, kind):
+    """Somebody wrote a string where a command's acknowledgement set goes: that one
+    acknowledgement is lost (WRONGTYPE); the heartbeat, the other acknowledgements and
+    the fleet size are written, and nothing is taken for a lost connection."""
+    from sqla_rebalance.bus.redis_bus import _TwoConnectionSubscription
+
+    target = open_bus(bus)
+    sub = target.subscribe() if kind == "one connection" else _TwoConnectionSubscription(target)
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    channel = target.channel
+    try:
+        r.set(f"{channel}:ack:5:*", "junk")
+        sub.put_heartbeat("p1", b"{}", 5.0, [(5, "*", True), (6, "*", False)])
+        assert r.get(f"{channel}:hb:p1") == b"{}"
+        assert r.get(f"{channel}:ack:5:*") == b"junk"
+        assert r.smembers(f"{channel}:ack:6:*") == {b"p1"}
+        assert not r.exists(f"{channel}:hit:6:*")  # no matching pool: not a hit
+        assert sub.fleet_size == 1
+        assert sub._can_heartbeat and sub._can_ack
+    finally:
+        sub.close()
+        r.close()
+
+
+def test_a_wait_ends_when_nothing_is_pending_even_with_no_hit_counted(redis_server, bus):
+    """A process acknowledged a command without a matching pool, then made one (and
+    its heartbeat shows it done): no look finds anything pending, none counts a hit;
+    the wait ends at once from the full read, not at its timeout."""
+    target = open_bus(bus)
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    channel, gen = target.channel, 42
+    beat = {"process": "p1", "ts": time.time(), "pools": [{"pool": "p", "generation": gen}]}
+    try:
+        r.set(f"{channel}:hb:p1", json.dumps(beat), px=15000)
+        r.sadd(f"{channel}:hb", "p1")
+        r.sadd(f"{channel}:ack:{gen}:p", "p1")  # acknowledged, no hit
+        started = time.monotonic()
+        result = wait_for(bus, gen, pool="p", timeout=10)
+        assert result.complete and [p.process for p in result.applied] == ["p1"]
+        assert time.monotonic() - started < 5
+    finally:
+        r.close()

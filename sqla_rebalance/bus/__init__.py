@@ -585,11 +585,12 @@ def wait_for(
         isinstance(rollout, bool) or not math.isfinite(rollout) or rollout < 0
     ):
         raise ValueError("rollout must be a finite number of seconds >= 0")
-    target = open_bus(bus)
+    target = open_bus(bus).for_waiting()
     try:
         return _wait(target, generation, pool, timeout, interval, progress, rollout, host)
     finally:
-        target.close()  # a reader client kept for the looks
+        if target is not bus:  # this wait's own: release the client kept for the looks
+            target.close()
 
 
 def _ack_look(
@@ -634,13 +635,14 @@ def _wait(
             state = _ack_look(target, generation, pool, waiting, counts)
             if state is None:
                 use_acks = False
-            elif state.phase != "done" and time.monotonic() < deadline:
+            elif state.pending and time.monotonic() < deadline:
                 if progress is not None:
                     progress(state)
                 time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
                 continue
-            # Done (or out of time) by the acknowledgements: the answer, with
-            # its lists of processes, comes from one full look.
+            # Nothing pending by the acknowledgements (done, or no process known
+            # to have a matching pool: one may have made it since it acknowledged),
+            # or out of time: the answer, with its lists, comes from a full look.
         fleet = read_fleet(target)
         procs = [p for p in fleet.processes if p.has_pool(pool)]
         applied = [p for p in procs if p.has_applied(generation, pool)]

@@ -236,6 +236,21 @@ class Subscription(ABC):
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FLEET_HINT:
             self.fleet_size = value
 
+    #: False once the bus refused an acknowledgement write (privileges): the
+    #: heartbeats go on without them (``--wait`` then reads this process's).
+    _can_ack: bool = True
+
+    def acks_refused(self, bus: Bus, err: Exception) -> None:
+        """The bus does not let this role write acknowledgements: stop sending
+        them, say so once; heartbeats and commands are not affected."""
+        self._can_ack = False
+        log.warning(
+            "bus %s: cannot write acknowledgements (%s): recycle --wait reads this "
+            "process's heartbeat instead",
+            bus,
+            err,
+        )
+
     def heartbeats_refused(self, bus: Bus, err: Exception) -> None:
         """The bus does not let this role write heartbeats: stop trying, say so once.
 
@@ -285,10 +300,10 @@ class Bus(ABC):
     """One transport at one URL.
 
     A bus object holds no connection of its own between calls, so it can be
-    shared by pools and survive ``fork()``: each call of :meth:`publish` and
-    :meth:`subscribe` opens what it needs. Readers that look many times (the
-    Redis buses' :meth:`heartbeats` and :meth:`acknowledgements`, for
-    ``wait_for``) may keep one client until :meth:`close`.
+    shared by pools and survive ``fork()``: each call of :meth:`publish`,
+    :meth:`heartbeats` and :meth:`subscribe` opens what it needs. Only the
+    copy that one ``wait_for`` makes (:meth:`for_waiting`) keeps a client for
+    its looks, until it closes it.
     """
 
     #: URL schemes this transport serves.
@@ -335,6 +350,11 @@ class Bus(ABC):
     @abstractmethod
     def heartbeats(self) -> list[bytes]:
         """The live processes' latest heartbeats."""
+
+    def for_waiting(self) -> Bus:
+        """The bus object one ``wait_for`` uses and closes: a copy where reads
+        keep a client between looks (the Redis buses), else this bus itself."""
+        return self
 
     def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
         """Who has not acknowledged command ``generation`` (sent to the pools

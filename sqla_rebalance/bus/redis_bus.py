@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -109,6 +110,30 @@ def ack_commands(base: str, process: str, acks: Sequence[Ack]) -> list[tuple[Any
         if hit:
             out += [("SADD", hits, process), ("EXPIRE", hits, ACK_TTL)]
     return out
+
+
+def heartbeat_written(sub: Subscription, bus: Bus, replies: list[Any], acks: int) -> None:
+    """Read the replies of one heartbeat round trip: ``SET`` and ``SADD``, then
+    ``acks`` acknowledgement commands, then ``SCARD``.
+
+    Only the heartbeat's own replies count: a refused one (an ACL without
+    ``SET``/``SADD``) stops heartbeats, another error is raised (the connection
+    is in doubt). An acknowledgement refused by an ACL stops acknowledgements;
+    one that fails otherwise (``WRONGTYPE`` on a key somebody wrote junk to) is
+    lost, nothing else; a ``SCARD`` that fails leaves the fleet size unknown.
+    """
+    for reply in replies[:2]:
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            sub.heartbeats_refused(bus, reply)
+            return
+        if isinstance(reply, Exception):
+            raise reply
+    for reply in replies[2 : 2 + acks]:
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            sub.acks_refused(bus, reply)
+            break
+    if len(replies) > 2 + acks:
+        sub.note_fleet_size(replies[-1])  # an error is not an int: ignored
 
 
 def _members(reply: Any) -> list[bytes]:
@@ -246,6 +271,9 @@ class RedisBus(Bus):
             _sentinel_target(url) if url.lower().startswith(("redis+", "rediss+")) else None
         )
         self._reader_client: redis.Redis | None = None
+        self._reader_lock = threading.Lock()
+        #: A copy for one ``wait_for`` (see :meth:`for_waiting`).
+        self._waiting = False
 
     def _keys(self) -> tuple[str, str, str]:
         c = self.channel
@@ -328,12 +356,14 @@ class RedisBus(Bus):
     def _reader(self) -> redis.Redis:
         """One client kept for the reads of ``status`` and ``wait_for`` (which
         looks several times a second): not a new connection per look."""
-        if self._reader_client is None:
-            self._reader_client = self.client()
-        return self._reader_client
+        with self._reader_lock:
+            if self._reader_client is None:
+                self._reader_client = self.client()
+            return self._reader_client
 
     def close(self) -> None:
-        client, self._reader_client = self._reader_client, None
+        with self._reader_lock:
+            client, self._reader_client = self._reader_client, None
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
@@ -341,14 +371,27 @@ class RedisBus(Bus):
     def heartbeats(self) -> list[bytes]:
         # An index set of the heartbeat keys, not a SCAN of the whole database.
         index = f"{self.channel}:hb"
+        # A wait's copy (``for_waiting``) reads over its one client; otherwise a
+        # client of this call's own, closed after it.
+        own = not self._waiting
+        client = None
         try:
-            client = self._reader()
+            client = self.client() if own else self._reader()
             members = _members(client.smembers(index))
             found, _gone = read_heartbeats(client, index, f"{index}:", members)
         except redis.RedisError as err:
-            self.close()
+            if not own:
+                self.close()
             raise self._error(err) from err
+        finally:
+            if own and client is not None:
+                client.close()
         return found
+
+    def for_waiting(self) -> RedisBus:
+        copy = type(self)(self.url, self.channel)
+        copy._waiting = True
+        return copy
 
     def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
         index = f"{self.channel}:hb"
@@ -450,16 +493,15 @@ class _TwoConnectionSubscription(Subscription):
         if not self._can_heartbeat:
             return
         channel = self._bus.channel
+        written = ack_commands(channel, process, acks) if self._can_ack else []
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.set(f"{channel}:hb:{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(f"{channel}:hb", process)
-            for command in ack_commands(channel, process, acks):
+            for command in written:
                 pipe.execute_command(*command)  # type: ignore[no-untyped-call]
             pipe.scard(f"{channel}:hb")  # the fleet's size, to spread acknowledgements
-            self.note_fleet_size(pipe.execute()[-1])
-        except redis.exceptions.NoPermissionError as err:  # an ACL without SET/SADD
-            self.heartbeats_refused(self._bus, err)
+            heartbeat_written(self, self._bus, pipe.execute(raise_on_error=False), len(written))
         except redis.RedisError as err:
             raise self._fail(err) from err
 
@@ -697,20 +739,17 @@ class _RedisSubscription(Subscription):
         if not self._can_heartbeat:
             return
         channel = self._bus.channel
+        written = ack_commands(channel, process, acks) if self._can_ack else []
         replies = self._execute(
             ("SET", f"{channel}:hb:{process}", payload, "PX", max(1, int(ttl * 1000))),
             ("SADD", f"{channel}:hb", process),
-            *ack_commands(channel, process, acks),
+            *written,
             ("SCARD", f"{channel}:hb"),  # the fleet's size, to spread acknowledgements
         )
-        errors = [r for r in replies if isinstance(r, Exception)]
-        refused = [e for e in errors if isinstance(e, redis.exceptions.NoPermissionError)]
-        if refused:  # an ACL without SET/SADD
-            self.heartbeats_refused(self._bus, refused[0])
-        elif errors:
-            raise self._fail(errors[0])
-        else:
-            self.note_fleet_size(replies[-1])
+        try:
+            heartbeat_written(self, self._bus, replies, len(written))
+        except redis.RedisError as err:
+            raise self._fail(err) from err
 
     def close(self) -> None:
         self._broken = True

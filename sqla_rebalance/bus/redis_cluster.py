@@ -39,6 +39,7 @@ What is read back is untrusted and validated as by the Redis bus
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ from .redis_bus import (
     _stored_generation,
     ack_commands,
     ack_keys,
+    heartbeat_written,
     read_acknowledgements,
     read_heartbeats,
 )
@@ -209,6 +211,9 @@ class RedisClusterBus(Bus):
         #: The seed nodes and connection options of the URL.
         self.target = _cluster_target(url)
         self._reader_client: RedisCluster | None = None
+        self._reader_lock = threading.Lock()
+        #: A copy for one ``wait_for`` (see :meth:`for_waiting`).
+        self._waiting = False
 
     def _keys(self) -> tuple[str, str, str]:
         tag = f"{{{self.channel}}}"
@@ -300,12 +305,14 @@ class RedisClusterBus(Bus):
 
     def _reader(self) -> RedisCluster:
         """One client kept for ``status`` and ``wait_for`` (see ``RedisBus._reader``)."""
-        if self._reader_client is None:
-            self._reader_client = self.client()
-        return self._reader_client
+        with self._reader_lock:
+            if self._reader_client is None:
+                self._reader_client = self.client()
+            return self._reader_client
 
     def close(self) -> None:
-        client, self._reader_client = self._reader_client, None
+        with self._reader_lock:
+            client, self._reader_client = self._reader_client, None
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
@@ -313,14 +320,27 @@ class RedisClusterBus(Bus):
     def heartbeats(self) -> list[bytes]:
         # As the Redis bus: an index set of the heartbeat keys, never a SCAN.
         index, prefix = self._hb_keys()
+        # A wait's copy (``for_waiting``) reads over its one client; otherwise a
+        # client of this call's own, closed after it.
+        own = not self._waiting
+        client = None
         try:
-            client = self._reader()
+            client = self.client() if own else self._reader()
             members = _members(client.smembers(index))
             found, _gone = read_heartbeats(client, index, prefix, members)
         except _ERRORS as err:
-            self.close()
+            if not own:
+                self.close()
             raise self._error(err) from err
+        finally:
+            if own and client is not None:
+                client.close()
         return found
+
+    def for_waiting(self) -> RedisClusterBus:
+        copy = type(self)(self.url, self.channel)
+        copy._waiting = True
+        return copy
 
     def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
         # Keys under the channel's hash tag: SDIFF with the index is one slot.
@@ -444,16 +464,17 @@ class _ClusterSubscription(Subscription):
             return
         assert self._client is not None
         index, prefix = self._bus._hb_keys()
+        tag = f"{{{self._bus.channel}}}"
+        written = ack_commands(tag, process, acks) if self._can_ack else []
         try:
             pipe = self._client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
             pipe.set(f"{prefix}{process}", payload, px=max(1, int(ttl * 1000)))
             pipe.sadd(index, process)
-            for command in ack_commands(f"{{{self._bus.channel}}}", process, acks):
+            for command in written:
                 pipe.execute_command(*command)
             pipe.scard(index)  # the fleet's size, to spread acknowledgements
-            self.note_fleet_size(pipe.execute()[-1])
-        except redis.exceptions.NoPermissionError as err:  # an ACL without SET/SADD
-            self.heartbeats_refused(self._bus, err)
+            replies = pipe.execute(raise_on_error=False)
+            heartbeat_written(self, self._bus, replies, len(written))
         except _ERRORS as err:
             raise self._fail(err) from err
 

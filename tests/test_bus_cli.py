@@ -45,6 +45,10 @@ def engine(tmp_path, bus):
         min_recycle_interval=0,
     )
     wait_for(lambda: engine.pool.listener is not None and engine.pool.listener.connected)
+    # Both connections open before a test sends anything: a recycle leaves alone
+    # the connections opened after it was issued (on a loaded machine, the
+    # background prefill can come that late).
+    wait_for(lambda: engine.pool.checkedin() == 2)
     yield engine
     engine.dispose()
 

@@ -261,7 +261,87 @@ def _sentinel_target(url: str) -> _SentinelTarget:
     )
 
 
-class RedisBus(Bus):
+class FleetReads:
+    """Reading the fleet on a Redis bus (one server or a Cluster): the heartbeats,
+    and the acknowledgements ``wait_for`` looks at.
+
+    The keys are under :meth:`_key_base` (the channel; its hash tag on a
+    Cluster). A copy made for one ``wait_for`` (:meth:`for_waiting`) keeps one
+    client for all its looks until :meth:`close`; otherwise each read opens a
+    client of its own and closes it.
+    """
+
+    url: str
+    channel: str
+    #: What a read may raise (the Cluster client adds its own errors).
+    _read_errors: tuple[type[Exception], ...] = (redis.RedisError,)
+
+    def _init_fleet_reads(self) -> None:
+        self._reader_client: Any = None
+        self._reader_lock = threading.Lock()
+        #: A copy for one ``wait_for`` (see :meth:`for_waiting`).
+        self._waiting = False
+
+    def client(self) -> Any:  # pragma: no cover - each bus has its own
+        raise NotImplementedError
+
+    def _error(self, err: Exception) -> BusUnavailableError:  # pragma: no cover
+        raise NotImplementedError
+
+    def _key_base(self) -> str:
+        return self.channel
+
+    def _reader(self) -> Any:
+        """One client kept for the looks of a wait (several a second): not a
+        new connection per look."""
+        with self._reader_lock:
+            if self._reader_client is None:
+                self._reader_client = self.client()
+            return self._reader_client
+
+    def close(self) -> None:
+        with self._reader_lock:
+            client, self._reader_client = self._reader_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def heartbeats(self) -> list[bytes]:
+        # An index set of the heartbeat keys, not a SCAN of the whole database.
+        index = f"{self._key_base()}:hb"
+        own = not self._waiting
+        client = None
+        try:
+            client = self.client() if own else self._reader()
+            members = _members(client.smembers(index))
+            found, _gone = read_heartbeats(client, index, f"{index}:", members)
+        except self._read_errors as err:
+            if not own:
+                self.close()
+            raise self._error(err) from err
+        finally:
+            if own and client is not None:
+                client.close()
+        return found
+
+    def for_waiting(self) -> Any:
+        copy = type(self)(self.url, self.channel)  # type: ignore[call-arg]
+        copy._waiting = True
+        return copy
+
+    def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
+        # On a Cluster, SDIFF of the index and the ack set is one slot (one hash tag).
+        base = self._key_base()
+        index = f"{base}:hb"
+        try:
+            keys = ack_keys(base, generation, pattern)
+            return read_acknowledgements(self._reader(), index, f"{index}:", keys)
+        except self._read_errors as err:
+            self.close()
+            raise self._error(err) from err
+
+
+class RedisBus(FleetReads, Bus):
     schemes = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
     def __init__(self, url: str, channel: str = "sqla_rebalance") -> None:
@@ -270,10 +350,7 @@ class RedisBus(Bus):
         self.sentinel = (
             _sentinel_target(url) if url.lower().startswith(("redis+", "rediss+")) else None
         )
-        self._reader_client: redis.Redis | None = None
-        self._reader_lock = threading.Lock()
-        #: A copy for one ``wait_for`` (see :meth:`for_waiting`).
-        self._waiting = False
+        self._init_fleet_reads()
 
     def _keys(self) -> tuple[str, str, str]:
         c = self.channel
@@ -352,55 +429,6 @@ class RedisBus(Bus):
             raise self._error(err) from err
         finally:
             client.close()
-
-    def _reader(self) -> redis.Redis:
-        """One client kept for the reads of ``status`` and ``wait_for`` (which
-        looks several times a second): not a new connection per look."""
-        with self._reader_lock:
-            if self._reader_client is None:
-                self._reader_client = self.client()
-            return self._reader_client
-
-    def close(self) -> None:
-        with self._reader_lock:
-            client, self._reader_client = self._reader_client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-
-    def heartbeats(self) -> list[bytes]:
-        # An index set of the heartbeat keys, not a SCAN of the whole database.
-        index = f"{self.channel}:hb"
-        # A wait's copy (``for_waiting``) reads over its one client; otherwise a
-        # client of this call's own, closed after it.
-        own = not self._waiting
-        client = None
-        try:
-            client = self.client() if own else self._reader()
-            members = _members(client.smembers(index))
-            found, _gone = read_heartbeats(client, index, f"{index}:", members)
-        except redis.RedisError as err:
-            if not own:
-                self.close()
-            raise self._error(err) from err
-        finally:
-            if own and client is not None:
-                client.close()
-        return found
-
-    def for_waiting(self) -> RedisBus:
-        copy = type(self)(self.url, self.channel)
-        copy._waiting = True
-        return copy
-
-    def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
-        index = f"{self.channel}:hb"
-        try:
-            keys = ack_keys(self.channel, generation, pattern)
-            return read_acknowledgements(self._reader(), index, f"{index}:", keys)
-        except redis.RedisError as err:
-            self.close()
-            raise self._error(err) from err
 
     def subscribe(self) -> Subscription:
         try:

@@ -39,7 +39,6 @@ What is read back is untrusted and validated as by the Redis bus
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ from ..errors import ConfigurationError
 from .base import (
     LOG_LENGTH,
     Ack,
-    Acknowledgements,
     Bus,
     BusUnavailableError,
     Subscription,
@@ -69,15 +67,12 @@ from .base import (
 from .redis_bus import (
     _CONNECT_TIMEOUT,
     _SOCKET_TIMEOUT,
+    FleetReads,
     _current,
     _log_entries,
-    _members,
     _stored_generation,
     ack_commands,
-    ack_keys,
     heartbeat_written,
-    read_acknowledgements,
-    read_heartbeats,
 )
 
 __all__ = ["RedisClusterBus"]
@@ -203,17 +198,16 @@ class _Named:
     channel: str
 
 
-class RedisClusterBus(Bus):
+class RedisClusterBus(FleetReads, Bus):
+    _read_errors = _ERRORS
+
     schemes = ("redis+cluster", "rediss+cluster")
 
     def __init__(self, url: str, channel: str = "sqla_rebalance") -> None:
         super().__init__(url, channel)
         #: The seed nodes and connection options of the URL.
         self.target = _cluster_target(url)
-        self._reader_client: RedisCluster | None = None
-        self._reader_lock = threading.Lock()
-        #: A copy for one ``wait_for`` (see :meth:`for_waiting`).
-        self._waiting = False
+        self._init_fleet_reads()
 
     def _keys(self) -> tuple[str, str, str]:
         tag = f"{{{self.channel}}}"
@@ -303,54 +297,8 @@ class RedisClusterBus(Bus):
             if client is not None:
                 client.close()
 
-    def _reader(self) -> RedisCluster:
-        """One client kept for ``status`` and ``wait_for`` (see ``RedisBus._reader``)."""
-        with self._reader_lock:
-            if self._reader_client is None:
-                self._reader_client = self.client()
-            return self._reader_client
-
-    def close(self) -> None:
-        with self._reader_lock:
-            client, self._reader_client = self._reader_client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-
-    def heartbeats(self) -> list[bytes]:
-        # As the Redis bus: an index set of the heartbeat keys, never a SCAN.
-        index, prefix = self._hb_keys()
-        # A wait's copy (``for_waiting``) reads over its one client; otherwise a
-        # client of this call's own, closed after it.
-        own = not self._waiting
-        client = None
-        try:
-            client = self.client() if own else self._reader()
-            members = _members(client.smembers(index))
-            found, _gone = read_heartbeats(client, index, prefix, members)
-        except _ERRORS as err:
-            if not own:
-                self.close()
-            raise self._error(err) from err
-        finally:
-            if own and client is not None:
-                client.close()
-        return found
-
-    def for_waiting(self) -> RedisClusterBus:
-        copy = type(self)(self.url, self.channel)
-        copy._waiting = True
-        return copy
-
-    def acknowledgements(self, generation: int, pattern: str) -> Acknowledgements | None:
-        # Keys under the channel's hash tag: SDIFF with the index is one slot.
-        index, prefix = self._hb_keys()
-        try:
-            keys = ack_keys(f"{{{self.channel}}}", generation, pattern)
-            return read_acknowledgements(self._reader(), index, prefix, keys)
-        except _ERRORS as err:
-            self.close()
-            raise self._error(err) from err
+    def _key_base(self) -> str:
+        return f"{{{self.channel}}}"
 
     def subscribe(self) -> Subscription:
         return _ClusterSubscription(self)

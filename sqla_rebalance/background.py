@@ -21,6 +21,11 @@ The :class:`Schedule` fields are written without a lock:
   A pass that finds it clear and nothing of its own plan due does only what
   is due for the hosts (health checks): the pass costs what is due, not what
   the pool holds. A pass that fails sets it again.
+- ``scan_by``: the latest moment a full scan is needed, set by
+  :meth:`Schedule.no_later_than` for a connection opened outside a pass
+  (checkout threads) and taken by a pass when it starts, both under
+  ``_lock`` (never from a garbage-collector callback). A pass that does not
+  scan keeps it in its own plan.
 
 Every write of ``next_due`` is followed by a poke of the worker naming the
 pool (``key``), so that the worker's heap of due times stays exact.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -95,7 +101,7 @@ class _Opening:
 class Schedule:
     """When a pool's next pass is due: what the worker reads (see above)."""
 
-    __slots__ = ("dirty", "key", "next_due", "wake")
+    __slots__ = ("_lock", "_scan_by", "dirty", "key", "next_due", "wake")
 
     def __init__(self, key: int = 0) -> None:
         #: The pool's key for the worker (its ``id()``).
@@ -103,6 +109,8 @@ class Schedule:
         self.next_due = 0.0
         self.wake = False
         self.dirty = True
+        self._scan_by = math.inf
+        self._lock = threading.Lock()
 
     def request(self) -> None:
         """Ask for a full pass now (safe from any thread and GC callbacks)."""
@@ -112,13 +120,29 @@ class Schedule:
         get_worker().poke(self.key)
 
     def no_later_than(self, when: float) -> None:
-        """A full pass is needed by ``when`` (a connection opened outside a
-        pass, due before the pass planned to run)."""
+        """A full pass is needed by ``when`` (a connection opened outside a pass).
+
+        Remembered until a pass takes it (:meth:`take_scan_by`), not only
+        when it is earlier than the next pass: that pass may be one that
+        only checks hosts, and its plan for the next full scan was made
+        without this connection.
+        """
+        with self._lock:
+            self._scan_by = min(self._scan_by, when)
         if when < self.next_due:
-            self.dirty = True
             self.wake = True  # a pass running now planned without it
             self.next_due = when
             get_worker().poke(self.key)
+
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread of the parent held stays held."""
+        self._lock = threading.Lock()
+
+    def take_scan_by(self) -> float:
+        """When a full scan was asked for by (``inf``: not asked); clears it."""
+        with self._lock:
+            when, self._scan_by = self._scan_by, math.inf
+        return when
 
 
 class Background:
@@ -339,3 +363,4 @@ class Background:
         self._async_inflight = False
         self.loop = None
         self.schedule.next_due = 0.0  # the child's worker reads every pool at its start
+        self.schedule.after_fork()

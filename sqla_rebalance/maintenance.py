@@ -17,8 +17,9 @@ greenlet in its event loop, see ``background.py``), one pass at a time. In order
 
 What a pass costs follows what is due. Steps 1 to 4 scan the pool's
 connections only when the pass was asked for (a checkin handing a connection
-over, an invalidation, a recycle, a connection opened by a checkout: each
-requests one) or its own plan came due; otherwise (a health check due, say)
+over, an invalidation, a recycle: each requests one) or its own plan came
+due; a connection opened by a checkout puts the moment it needs a scan into
+that plan (``Schedule.no_later_than``). Otherwise (a health check due, say)
 the pass does only step 0. A pool with nothing due is not looked at for
 :data:`IDLE_PASS` seconds. Lifetime replacements due within :data:`BATCH`
 seconds of each other are made in one pass.
@@ -194,6 +195,9 @@ class Maintenance:
         # Taken at the start: a request made from here on (a health check's
         # finding, say) is for the next pass, which ``wake`` brings at once.
         dirty, schedule.dirty = schedule.dirty, False
+        # Connections opened by checkouts since the last scan: the plan must
+        # cover them (a pass that only checks hosts keeps this in its plan).
+        self.scan_due = min(self.scan_due, schedule.take_scan_by())
 
         # 0. Hosts: health checks, then move connections if hosts changed.
         if hostset is not None and hostset.seeded:

@@ -14,8 +14,13 @@ from sqlalchemy import create_engine, text
 
 import sqla_rebalance
 from sqla_rebalance import RebalancingQueuePool, signals
-from sqla_rebalance.lifetime import INFO_KEY, draw_lifetime, schedule_replacements
-from sqla_rebalance.maintenance import BATCH
+from sqla_rebalance.lifetime import (
+    INFO_KEY,
+    draw_lifetime,
+    replacement_lead,
+    schedule_replacements,
+)
+from sqla_rebalance.maintenance import BATCH, IDLE_PASS
 
 from .helpers import FakeClock, manual_maintenance, wait_for
 
@@ -607,6 +612,40 @@ def test_a_pass_scans_the_connections_only_when_asked_or_due(clock, engine_facto
     clock.now = maintenance.scan_due
     maintenance.maintain()
     assert maintenance.scans == scans + 2
+
+
+def test_connections_opened_by_checkouts_are_in_the_plan_of_a_pass_that_only_checks_hosts(
+    clock, engine_factory
+):
+    """A connection opened by a checkout asks for a full scan by the time it comes due.
+    A pass that comes sooner anyway (a health check, or the pass already in flight when the
+    checkout connected) and does not scan must keep that in its plan. It did not: a warm-up's
+    connections were left to SQLAlchemy's recycle inside a checkout (the recycle storm
+    benchmark's intermittent "checkouts waited", 3 runs in 6)."""
+    recycle = 30.0  # below IDLE_PASS: due before the safety-net pass
+    pool = engine_factory(pool_recycle=recycle, recycle_jitter=0.5).pool
+    maintenance = pool._maintenance
+    maintenance.maintain()  # an empty pool: nothing planned before IDLE_PASS
+    assert maintenance.scan_due >= clock.now + IDLE_PASS
+    pool._schedule.next_due = clock.now  # a pass is due now anyway
+    open_n(pool, 3)  # connected inside checkouts, not by a pass
+    ends = [state.ends_at for state in pool._ledger.states.values()]
+    assert len(ends) == 3 and max(ends) < clock.now + IDLE_PASS
+    scans = maintenance.scans
+    maintenance.maintain()
+    assert maintenance.scans == scans  # nothing asked for now: no scan...
+    assert maintenance.scan_due <= min(ends) - replacement_lead(recycle)  # ...but one is planned
+    clock.now = maintenance.scan_due
+    maintenance.maintain()
+    assert maintenance.scans == scans + 1
+    # Followed through: each connection is replaced before SQLAlchemy would recycle it.
+    first = list(pool._ledger.states.values())
+    for state in sorted(first, key=lambda st: st.ends_at):
+        while not state.closed:
+            assert maintenance.scan_due < state.ends_at
+            clock.now = maintenance.scan_due
+            maintenance.maintain()
+    assert pool.stats().retirements["lifetime"] == 3
 
 
 def test_lifetime_replacements_due_together_are_batched(clock, engine_factory):

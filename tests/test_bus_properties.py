@@ -17,6 +17,9 @@ durable-log entries, heartbeats and the CLI's numbers, over the whole input spac
 - **Heartbeats** (``parse_heartbeat``, ``read_fleet``, ``wait_for``, the report lines):
   junk of any shape is skipped and counted, never raised; what is accepted can be
   printed and waited on.
+- **Redis replies** (``read_acknowledgements``, ``heartbeat_written``): any set members,
+  heartbeat values, counts and error replies; a WRONGTYPE key means "no acknowledgements",
+  only a failed heartbeat write costs the heartbeat, a count is kept only when sane.
 - **CLI numbers**: ``--wait``/``--spread`` given any text are either a finite number in
   range or a usage error (exit 2).
 """
@@ -521,6 +524,141 @@ def test_fleet_status_and_wait_never_crash_on_junk(junk):
     wait_lines(result, "orders")
     sent = types.SimpleNamespace(generation=5, command=Command("recycle"), receivers=None)
     json.dumps(sent_record(sent, result))  # type: ignore[arg-type]
+
+
+# -- the Redis transport's replies --------------------------------------------------------
+
+#: What a key may hold when anybody who can write the bus wrote it: any bytes.
+redis_members = st.binary(max_size=12)
+
+
+class FakeRedis:
+    """The replies ``read_acknowledgements`` asks for, drawn by hypothesis."""
+
+    def __init__(self, missing: Any, applied: Any, values: dict[bytes, bytes | None]) -> None:
+        self._missing, self._applied, self._values = missing, applied, values
+        self.removed: list[bytes] = []
+
+    def sdiff(self, index: str, ack: str) -> Any:
+        if isinstance(self._missing, Exception):
+            raise self._missing
+        return self._missing
+
+    def scard(self, key: str) -> Any:
+        if isinstance(self._applied, Exception):
+            raise self._applied
+        return self._applied
+
+    def mget(self, keys: list[bytes]) -> list[bytes | None]:
+        return [self._values.get(k.split(b":hb:", 1)[1]) for k in keys]
+
+    def srem(self, index: str, *members: bytes) -> int:
+        self.removed.extend(members)
+        return len(members)
+
+
+@SETTINGS
+@given(
+    members=st.lists(redis_members, max_size=8, unique=True),
+    container=st.sampled_from([list, set, tuple]),
+    beats=st.data(),
+    applied=st.one_of(integers, st.booleans(), st.none(), st.binary(max_size=6), floats),
+    error=st.sampled_from([None, "sdiff", "scard"]),
+)
+def test_redis_acknowledgement_reads_accept_any_reply(members, container, beats, applied, error):
+    """``read_acknowledgements`` over any set members, heartbeat values and counts: a
+    WRONGTYPE reply means "no acknowledgements" (None); otherwise the count is in range,
+    exactly the members whose heartbeat expired are reported gone and removed from the
+    index, and every heartbeat found is returned as bytes for ``parse_heartbeat``."""
+    import redis
+
+    from sqla_rebalance.bus.redis_bus import _MAX_COUNT, read_acknowledgements
+
+    values = {m: beats.draw(st.none() | st.binary(max_size=20)) for m in members}
+    wrongtype = redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+    client = FakeRedis(
+        wrongtype if error == "sdiff" else container(members),
+        wrongtype if error == "scard" else applied,
+        values,
+    )
+    acks = read_acknowledgements(client, "idx", "sqla_rebalance:hb:", ("a", "h"))
+    if error is not None:
+        assert acks is None and client.removed == []
+        return
+    assert acks is not None
+    sane = isinstance(applied, int) and not isinstance(applied, bool) and 0 <= applied <= _MAX_COUNT
+    assert acks.applied == (applied if sane else 0)
+    gone = sorted(m for m in members if values[m] is None)
+    assert sorted(client.removed) == gone
+    assert sorted(acks.gone) == sorted(m.decode("utf-8", "replace") for m in gone)
+    assert sorted(acks.heartbeats) == sorted(v for v in values.values() if v is not None)
+
+
+class RecordingSubscription:
+    """The ``Subscription`` methods ``heartbeat_written`` calls, recorded."""
+
+    def __init__(self) -> None:
+        from sqla_rebalance.bus.base import Subscription
+
+        self.fleet_size: int | None = None
+        self.heartbeats_off = self.acks_off = False
+        self._note = Subscription.note_fleet_size
+
+    def heartbeats_refused(self, bus: Any, err: Exception) -> None:
+        self.heartbeats_off = True
+
+    def acks_refused(self, bus: Any, err: Exception) -> None:
+        self.acks_off = True
+
+    def note_fleet_size(self, value: object) -> None:
+        self._note(self, value)  # type: ignore[arg-type]
+
+
+def _redis_errors() -> st.SearchStrategy[Exception]:
+    import redis
+
+    return st.sampled_from(
+        [
+            redis.exceptions.NoPermissionError("NOPERM no permissions to run the 'set' command"),
+            redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"),
+            redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"),
+        ]
+    )
+
+
+@SETTINGS
+@given(
+    written=st.lists(st.one_of(st.just(True), st.integers(0, 1), _redis_errors()), min_size=2,
+                     max_size=2),
+    acks=st.lists(st.one_of(st.integers(0, 1), _redis_errors()), max_size=4),
+    scard=st.none() | st.one_of(integers, st.booleans(), st.binary(max_size=6), _redis_errors()),
+)  # fmt: skip
+def test_redis_heartbeat_replies_only_ever_cost_what_failed(written, acks, scard):
+    """``heartbeat_written`` over any replies: only a refused heartbeat write stops
+    heartbeats, and only another failure of the heartbeat's own writes raises (the
+    connection is in doubt); a refused acknowledgement stops acknowledgements, any other
+    failed one is lost alone; the fleet size is kept only when it is a sane count."""
+    import redis
+
+    from sqla_rebalance.bus.base import MAX_FLEET_HINT
+    from sqla_rebalance.bus.redis_bus import heartbeat_written
+
+    replies: list[Any] = [*written, *acks] + ([] if scard is None else [scard])
+    sub = RecordingSubscription()
+    first_error = next((r for r in written if isinstance(r, Exception)), None)
+    if first_error is not None and not isinstance(first_error, redis.exceptions.NoPermissionError):
+        with pytest.raises(type(first_error)) as raised:
+            heartbeat_written(sub, None, replies, len(acks))  # type: ignore[arg-type]
+        assert raised.value is first_error
+        return
+    heartbeat_written(sub, None, replies, len(acks))  # type: ignore[arg-type]
+    if isinstance(first_error, redis.exceptions.NoPermissionError):
+        assert sub.heartbeats_off and not sub.acks_off and sub.fleet_size is None
+        return
+    assert first_error is None and not sub.heartbeats_off
+    assert sub.acks_off == any(isinstance(r, redis.exceptions.NoPermissionError) for r in acks)
+    sane = isinstance(scard, int) and not isinstance(scard, bool) and 0 <= scard <= MAX_FLEET_HINT
+    assert sub.fleet_size == (scard if sane else None)
 
 
 # -- the CLI's numbers ---------------------------------------------------------------------

@@ -6,7 +6,7 @@
   snapshot moves the wall clock, not this one: with wall-clock schedules, a
   step back of 60 s stalled maintenance for 60 s (every due time looked a
   minute away).
-- The wall clock (``time.time()``) only where an outside party reads the value:
+- The wall clock (:func:`wall`) only where an outside party reads the value:
   SQLAlchemy's ``starttime`` (its own ``pool_recycle`` check compares it with
   ``time.time()``), the timestamps of signals and stats, and the ``issued_at``
   of bus messages. :func:`lifetime_end` converts a wall-clock deadline of
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["lifetime_end", "now"]
+__all__ = ["lifetime_end", "now", "wall"]
 
 _monotonic = time.monotonic
 
@@ -29,7 +29,13 @@ def now() -> float:
     return _monotonic()
 
 
+def wall() -> float:
+    """Seconds on the wall clock: only to compare with or hand to an outside party
+    (SQLAlchemy's ``starttime``, a DNS answer's expiry, a signal's timestamp)."""
+    return time.time()
+
+
 def lifetime_end(wall_deadline: float) -> float:
     """The scheduling-clock time of a wall-clock deadline (as SQLAlchemy's ``starttime``
     plus a lifetime), read against the wall clock now."""
-    return now() + (wall_deadline - time.time())
+    return now() + (wall_deadline - wall())

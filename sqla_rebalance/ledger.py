@@ -89,7 +89,6 @@ The rules
 from __future__ import annotations
 
 import random
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -301,7 +300,7 @@ class Ledger:
     # -- pinning ----------------------------------------------------------------------
     def shield(self, rec: ConnectionPoolEntry) -> None:
         """Keep SQLAlchemy's checkout-time recycle away from a pinned connection."""
-        now = time.time()
+        now = clock.wall()
         if (
             self._recycle > 0
             and not _sa.is_invalidated(self._pool, rec)
@@ -418,7 +417,7 @@ class Ledger:
                 reason = DISPOSE
             elif _sa.is_invalidated(self._pool, rec):
                 reason = ERROR  # reconnected at checkout after a disconnect error
-            elif state.deadline is not None and time.time() >= state.deadline:
+            elif state.deadline is not None and clock.wall() >= state.deadline:
                 reason = LIFETIME  # SQLAlchemy's own check, inside a checkout
             else:
                 reason = OVERFLOW  # QueuePool closing an overflow connection at checkin
@@ -427,7 +426,7 @@ class Ledger:
         # for long: it must not keep the closed DBAPI connection alive too.
         state.dbapi = None
         if signals.connection_retired.receivers:
-            now = time.time()
+            now = clock.wall()
             signals.emit(
                 signals.connection_retired,
                 self._pool,

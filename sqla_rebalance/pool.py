@@ -19,7 +19,6 @@ record marked to retire?). Nothing is closed on the request path.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -270,7 +269,7 @@ class RebalancingQueuePool(QueuePool):
         background: bool,
     ) -> None:
         started = _sa.starttime(rec)  # set by SQLAlchemy just before the connect
-        self._maintenance.connected(time.time() - started)
+        self._maintenance.connected(clock.wall() - started)
         host = host_key or targets.describe(dbapi_connection)
         state = self._ledger.new_state(rec, dbapi_connection, host, started)
         self._steering.settle(host_key, rec, state)
@@ -398,7 +397,7 @@ class RebalancingQueuePool(QueuePool):
     def _mark_recycle(
         self, host: str | None, spread: float, reason: str, before: float | None = None
     ) -> int:
-        wall = time.time()  # compared with connected_at (wall clock, as issued_at)
+        wall = clock.wall()  # compared with connected_at (wall clock, as issued_at)
         before = wall if before is None else min(before, wall)
         now = clock.now()  # retirement moments: the scheduling clock
         keys = None

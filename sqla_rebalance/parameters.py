@@ -18,7 +18,14 @@ integration's key in the message.
 The pool's ``__init__`` must still spell its arguments out: SQLAlchemy's
 ``create_engine`` finds pool arguments by reading the signature, and a
 keyword-only or ``**kw`` argument would be refused. ``tests/test_parameters.py``
-checks that the signature and this table agree.
+checks that the signature, its ``:param:`` lines and this table agree.
+
+Adding a setting therefore touches: a row here; the pool's signature and its
+``:param:`` line (read by SQLAlchemy and by users' editors; checked against
+the row); and the code that uses it (its check and field in ``PoolConfig``).
+The pool hands its arguments to ``PoolConfig.build`` through
+:func:`build_arguments`; the plugin, Flask, Django, ``recreate()`` and the
+generated names table follow the row.
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["PARAMETERS", "Kind", "Parameter", "by_argument", "signature_defaults"]
+__all__ = [
+    "PARAMETERS",
+    "Kind",
+    "Parameter",
+    "build_arguments",
+    "by_argument",
+    "signature_defaults",
+]
 
 #: How a value is read from text (URL) or checked for type (settings):
 #: ``number`` finite float; ``optional_number`` the same or None; ``integer``;
@@ -177,6 +191,13 @@ _BY_ARGUMENT = {p.argument: p for p in PARAMETERS}
 def by_argument(argument: str) -> Parameter:
     """The parameter for a pool ``__init__`` argument (KeyError if unknown)."""
     return _BY_ARGUMENT[argument]
+
+
+def build_arguments(given: dict[str, Any]) -> dict[str, Any]:
+    """``PoolConfig.build``'s keywords from the pool's arguments by name (those
+    spelt out in ``__init__`` and those in its ``**kw``): the pool's constructor
+    does not list them again."""
+    return {p.build: given[p.argument] for p in PARAMETERS if p.build}
 
 
 def signature_defaults(poolclass: type) -> dict[str, Any]:

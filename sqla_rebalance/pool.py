@@ -32,7 +32,7 @@ from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
 from .hosts import HostSet
 from .ledger import Ledger
 from .maintenance import Maintenance
-from .parameters import PARAMETERS
+from .parameters import PARAMETERS, build_arguments
 from .stats import MANUAL, RETIREMENT_REASONS, SIGNAL, BusStats, Counters, PoolStats
 from .steering import Report, Steering, hosts_for
 from .wiring import SECRET_ENV, Wiring
@@ -134,29 +134,11 @@ class RebalancingQueuePool(QueuePool):
         connect_deadline: float | None = None,
         **kw: Any,
     ) -> None:
+        # The arguments as given, by name (pool_recycle unset is -1, as in Pool);
+        # the table says which of them PoolConfig checks.
+        given = {k: v for k, v in locals().items() if k not in ("self", "creator", "kw")}
         recreated = kw.pop("_recreated", False)
-        cfg = self._config = PoolConfig.build(
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            timeout=timeout,
-            recycle=kw.get("recycle", -1),
-            recycle_jitter=recycle_jitter,
-            min_size=min_size,
-            max_idle=max_idle,
-            pool_name=pool_name,
-            hosts=hosts,
-            target_role=target_role,
-            dns_nameservers=dns_nameservers,
-            dns_min_refresh=dns_min_refresh,
-            dns_max_refresh=dns_max_refresh,
-            health_check_interval=health_check_interval,
-            health_check_timeout=health_check_timeout,
-            connect_deadline=connect_deadline,
-            unhealthy_threshold=unhealthy_threshold,
-            rebalance_spread=rebalance_spread,
-            broadcast=broadcast,
-            min_recycle_interval=min_recycle_interval,
-        )
+        cfg = self._config = PoolConfig.build(**build_arguments({"recycle": -1, **kw, **given}))
         # Every argument is checked before QueuePool is built.
         self._wiring = Wiring(cfg.pool_name, broadcast, broadcast_secret, recreated)
         self._broadcast_secret_arg = broadcast_secret

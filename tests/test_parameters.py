@@ -97,6 +97,45 @@ def test_the_table_and_pool_config_agree():
     assert {p.stored for p in PARAMETERS if p.stored} <= fields
 
 
+def test_pool_config_defaults_are_the_pools():
+    """The integrations build a PoolConfig from what the user gave (the rest by its
+    defaults): those defaults must be the pool's own, or a setting left out would mean
+    one thing in create_engine and another in a URL or a settings file."""
+    built = inspect.signature(PoolConfig.build).parameters
+    pool = inspect.signature(RebalancingQueuePool.__init__).parameters
+    compared = 0
+    for p in PARAMETERS:
+        if p.build and p.in_signature and built[p.build].default is not inspect.Parameter.empty:
+            assert built[p.build].default == pool[p.argument].default, p.argument
+            compared += 1
+    assert compared >= 10
+
+
+def test_the_pool_hands_every_checked_argument_to_pool_config(monkeypatch, tmp_path):
+    """The pool's constructor passes its arguments to PoolConfig.build from the table,
+    not from a list of its own: every ``build`` name arrives, with the value given."""
+    seen: dict[str, Any] = {}
+    real = PoolConfig.build.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[PoolConfig], **kw: Any) -> PoolConfig:
+        seen.update(kw)
+        return real(cls, **kw)
+
+    monkeypatch.setattr(PoolConfig, "build", classmethod(spy))
+    engine = create_engine(
+        f"sqlite:///{tmp_path}/t.db",
+        poolclass=RebalancingQueuePool,
+        pool_size=7,
+        pool_recycle=600,
+        recycle_jitter=0.3,
+        min_recycle_interval=1.5,
+    )
+    engine.dispose()
+    assert set(seen) == {p.build for p in PARAMETERS if p.build}
+    assert (seen["pool_size"], seen["recycle"], seen["recycle_jitter"]) == (7, 600, 0.3)
+    assert seen["min_recycle_interval"] == 1.5
+
+
 @pytest.mark.parametrize("param", [p for p in PARAMETERS if p.build], ids=lambda p: p.argument)
 def test_each_setting_reaches_the_pool_and_survives_recreate(param, sample, tmp_path):
     value, _ = sample(param)

@@ -53,6 +53,7 @@ step "benchmark smoke run (--check: promises gate CI; timing targets are only pr
 .venv/bin/python benchmarks/new_replica.py --quick --check
 .venv/bin/python benchmarks/failover.py --quick --check
 .venv/bin/python benchmarks/broadcast_latency.py --quick --check
+.venv/bin/python benchmarks/bus_flood.py --quick --check
 .venv/bin/python benchmarks/frozen_host.py --quick --check
 .venv/bin/python benchmarks/pg_bus_modes.py --quick --check
 .venv/bin/python benchmarks/rate_rollout.py --quick --check

@@ -1,13 +1,14 @@
 """Hosts that *hang* rather than refuse: servers stopped with SIGSTOP (``server.freeze()``).
 
 The kernel still completes TCP handshakes and acknowledges data, but nothing answers: what
-a frozen VM or a partitioned zone looks like to a client. Against real PostgreSQL (sync and
-asyncio) and MariaDB servers of the suite, with the real maintenance worker:
+a frozen VM or a partitioned zone looks like to a client. Against real PostgreSQL and MariaDB
+servers of the suite, each with sync and asyncio pools, with the real maintenance worker:
 
 - the frozen host is marked suspect, then down, with the reason ``deadline exceeded``;
 - once down and its idle connections replaced, no checkout gets a connection to it;
 - a host whose connections are all in use is still found (a probe of its own);
-- a second pool of the process keeps its background replacement (no checkout waits);
+- a second pool of the process (a second thread, or the same event loop) keeps its
+  background replacement (no checkout waits);
 - it fails back after a thaw; 20 freeze/thaw cycles leave no thread or server session.
 
 Figures (how fast, how many transactions) are in ``benchmarks/frozen_host.py``; here the
@@ -317,3 +318,154 @@ def test_twenty_freeze_thaw_cycles_leak_nothing(engines, pg_cluster, app_name):
         probe.dispose()
     # Every thread of the pool (passes, checks, connects) is gone once it is disposed.
     wait_for(lambda: threading.active_count() <= threads_before, timeout=15)
+
+
+async def async_wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """:func:`wait_for` inside an event loop: polls with ``asyncio.sleep``, so the pools'
+    tasks in the same loop (their maintenance, checks and connects) go on meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await asyncio.sleep(interval)
+
+
+@pytest.mark.timeout(90)  # a pool that blocked the loop on the frozen host would hang it
+def test_a_second_async_pool_keeps_its_background_replacement(pg_cluster, app_name):
+    """Two asyncio pools in one event loop share it, as their tasks do: the checks and
+    connects of the first pool that hang on the frozen host must all await, never block,
+    or the second pool (on a healthy host) would stop replacing its connections in the
+    background and its checkouts would have to connect themselves."""
+    frozen, other = pg_cluster.servers[2], pg_cluster.servers[1]
+
+    def make(**kw: Any) -> Any:
+        return create_async_engine(
+            pg_cluster.servers[0].url(driver="psycopg"),
+            poolclass=AsyncRebalancingQueuePool,
+            max_overflow=0,
+            connect_args={"application_name": app_name},
+            **kw,
+        )
+
+    async def main() -> tuple[Any, Any, Any, list[BaseException]]:
+        first = make(hosts=pg_cluster.hosts[:3], pool_size=6, min_size=6)
+        # Short lifetimes: the second pool needs replacements during the freeze.
+        second = make(
+            hosts=[other.address], pool_size=3, min_size=3, pool_recycle=4, recycle_jitter=0.5
+        )
+        stop = asyncio.Event()
+        errors: list[BaseException] = []
+        served = [0]
+
+        async def light_load() -> None:
+            while not stop.is_set():
+                try:
+                    async with second.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
+                    served[0] += 1
+                except Exception as err:
+                    errors.append(err)
+                await asyncio.sleep(0.02)
+
+        try:
+            # Warm-up: an asyncio pool learns its loop at its first checkout (which
+            # connects); then its worker fills min_size in the background.
+            for engine in (first, second):
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            await async_wait_for(
+                lambda: first.pool.stats().idle == 6 and second.pool.stats().idle == 3
+            )
+            assert health(first, frozen.address).open == 2
+            load = asyncio.ensure_future(light_load())
+            try:
+                await async_wait_for(lambda: served[0] >= 10)
+                before = second.pool.stats()
+                with frozen.frozen():
+                    await async_wait_for(
+                        lambda: health(first, frozen.address).health == "down",
+                        timeout=DOWN_WITHIN,
+                    )
+                    down = health(first, frozen.address)
+                    # Long enough for every connection of the second pool to be replaced once.
+                    deadline = time.monotonic() + 5
+                    checkouts_at_down = served[0]
+                    await async_wait_for(
+                        lambda: (
+                            second.pool.stats().connects >= before.connects + 3
+                            and time.monotonic() > deadline
+                        ),
+                        timeout=20,
+                    )
+                    after = second.pool.stats()
+                    # The load went on all along (a blocked loop would have stalled it).
+                    assert served[0] > checkouts_at_down
+            finally:
+                stop.set()
+                await load
+        finally:
+            await first.dispose()
+            await second.dispose()
+        return down, before, after, errors
+
+    down, before, after, errors = asyncio.run(main())
+    assert down.reason == "deadline exceeded"
+    assert errors == []
+    assert after.retirements.get("lifetime", 0) > before.retirements.get("lifetime", 0)
+    assert after.checkouts_waited == before.checkouts_waited
+
+
+@pytest.mark.timeout(90)  # a pool that blocked the loop on the frozen host would hang it
+def test_async_mariadb_frozen_host_is_marked_down(mariadb_cluster):
+    """The asyncio MySQL drivers hang differently from psycopg (their own socket reads in
+    the loop): the frozen MariaDB host must still be found by the deadlines, avoided by
+    every checkout without one waiting for a connect, and failed back after the thaw."""
+    pytest.importorskip("aiomysql")  # a failure on CI, where every test must run
+    frozen = mariadb_cluster.servers[1]
+
+    async def main() -> None:
+        engine = create_async_engine(
+            mariadb_cluster.servers[0].url(driver="aiomysql"),
+            poolclass=AsyncRebalancingQueuePool,
+            hosts=mariadb_cluster.hosts,
+            pool_size=4,
+            max_overflow=0,
+            min_size=4,
+        )
+        try:
+            async with engine.connect() as conn:  # the pool learns its event loop
+                await conn.execute(text("SELECT 1"))
+            await async_wait_for(lambda: engine.pool.stats().idle == 4)
+            assert health(engine, frozen.address).open == 2
+            with frozen.frozen():
+                await async_wait_for(
+                    lambda: health(engine, frozen.address).health == "down", timeout=DOWN_WITHIN
+                )
+                assert health(engine, frozen.address).reason == "deadline exceeded"
+                # Its idle connections are closed (hung checks abandoned) and replaced on
+                # the other host, in the background...
+                await async_wait_for(
+                    lambda: health(engine, frozen.address).open == 0, timeout=DOWN_WITHIN
+                )
+                await async_wait_for(lambda: engine.pool.stats().idle == 4, timeout=DOWN_WITHIN)
+                # ...and no checkout gets a connection to it, nor waits for one.
+                waited = engine.pool.stats().checkouts_waited
+                for _ in range(10):
+                    async with engine.connect() as conn:
+                        assert host_of(conn.sync_connection) != frozen.address
+                        await conn.execute(text("SELECT 1"))
+                assert engine.pool.stats().checkouts_waited == waited
+            await async_wait_for(
+                lambda: health(engine, frozen.address).health == "up", timeout=DOWN_WITHIN
+            )
+            await async_wait_for(
+                lambda: health(engine, frozen.address).open == 2, timeout=DOWN_WITHIN
+            )
+            assert health(engine, frozen.address).reason is None
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -134,6 +134,45 @@ def test_frozen_host_is_found_avoided_and_failed_back(engines, pg_cluster, host_
     assert health(engine, key).reason is None
 
 
+def test_a_checkout_that_must_connect_never_tries_a_suspect_host(engines, pg_cluster):
+    """While a host is suspect (a check unanswered past its deadline, not yet down), a
+    checkout that has to open a connection goes to a healthy host at once. The connect
+    deadline is 30 s here: a checkout that tried the frozen host first would wait that
+    long before failing over, while a connect to the healthy host takes milliseconds."""
+    healthy, frozen = pg_cluster.servers[1], pg_cluster.servers[2]
+    engine = engines(
+        hosts=[healthy.address, frozen.address],
+        pool_size=8,
+        min_size=2,
+        unhealthy_threshold=30,  # suspect for ~30 s before down: the state under test
+        connect_deadline=30,
+    )
+    wait_for(lambda: engine.pool.stats().idle == 2)
+    held: list[Any] = []
+    try:
+        with frozen.frozen():
+            wait_for(
+                lambda: health(engine, frozen.address).health == "suspect", timeout=DOWN_WITHIN
+            )
+            held += [engine.connect(), engine.connect()]  # the two open (no I/O: no ping)
+            waited = engine.pool.stats().checkouts_waited
+            slowest = 0.0
+            for _ in range(4):  # nothing idle: each of these checkouts connects
+                started = time.monotonic()
+                conn = engine.connect()
+                slowest = max(slowest, time.monotonic() - started)
+                held.append(conn)
+                assert host_of(conn) == healthy.address
+            assert engine.pool.stats().checkouts_waited == waited + 4
+            assert health(engine, frozen.address).health == "suspect"  # still: not yet down
+            assert slowest < 10.0, f"a checkout waited {slowest:.1f}s: it tried the frozen host"
+    finally:
+        for conn in held:
+            with contextlib.suppress(Exception):
+                conn.invalidate()  # never wait on the frozen one's socket
+                conn.close()
+
+
 def test_host_with_every_connection_busy_is_probed(engines, pg_cluster):
     healthy, frozen = pg_cluster.servers[0], pg_cluster.servers[3]
     engine = engines(hosts=[healthy.address, frozen.address], pool_size=2, min_size=2)

@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlencode
 
+from ..errors import ConfigurationError
+
 __all__ = [
     "DEFAULT_CHANNEL",
     "FUTURE_LIMIT",
@@ -48,6 +50,7 @@ __all__ = [
     "BusDataError",
     "BusUnavailableError",
     "Subscription",
+    "host_ports",
     "log_generation",
     "next_generation",
     "publish_ceiling",
@@ -167,6 +170,24 @@ def redact(text: str, url: str | None = None) -> str:
         return out
     except Exception:  # pragma: no cover - a display helper must not break its caller
         return "<a bus URL (not shown)>"
+
+
+def host_ports(url: str, hosts: str, default_port: int, what: str) -> list[tuple[str, int]]:
+    """The comma-separated ``host[:port]`` list of a Redis Sentinel or Cluster URL
+    (``[v6]:port`` too), each port in range; a ConfigurationError naming ``what``
+    (with the URL's password masked) for any item that is not."""
+    out = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = port, str(default_port)
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"{redact(url)}: each {what} must be host:port, got {item.strip()!r}"
+            )
+        out.append((host, int(port)))
+    return out
 
 
 def split_channel(url: str, default: str = DEFAULT_CHANNEL) -> tuple[str, str]:

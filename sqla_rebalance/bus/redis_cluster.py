@@ -60,6 +60,7 @@ from .base import (
     Bus,
     BusUnavailableError,
     Subscription,
+    host_ports,
     next_generation,
     read_ceiling,
     redact,
@@ -125,17 +126,7 @@ def _cluster_target(url: str) -> _ClusterTarget:
         tail = f"?{query}"
     path, _, query = tail.partition("?")
     userinfo, at, hosts = netloc.rpartition("@")
-    seeds = []
-    for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        if not colon:
-            host, port = port, "6379"
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigurationError(
-                f"{redact(url)}: each seed node must be host:port, got {item.strip()!r}"
-            )
-        seeds.append((host, int(port)))
+    seeds = host_ports(url, hosts, 6379, "seed node")
     if path.strip("/") not in ("", "0"):
         raise ConfigurationError(
             f"{redact(url)}: a Redis Cluster has only database 0; a cluster bus URL is "

@@ -21,7 +21,7 @@ import redis
 from redis.sentinel import Sentinel
 
 from ..errors import ConfigurationError
-from .base import redact
+from .base import host_ports, redact
 
 __all__ = ["master_client"]
 
@@ -49,17 +49,7 @@ def _sentinel_target(url: str) -> _SentinelTarget:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    sentinels = []
-    for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        if not colon:
-            host, port = port, "26379"
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigurationError(
-                f"{redact(url)}: each sentinel must be host:port, got {item.strip()!r}"
-            )
-        sentinels.append((host, int(port)))
+    sentinels = host_ports(url, hosts, 26379, "sentinel")
     parts = [p for p in path.split("/") if p]
     if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
         raise ConfigurationError(

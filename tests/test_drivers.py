@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +35,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool
 from sqla_rebalance.deadlines import socket_fd
 from sqla_rebalance.stats import HostStats
+
+from .helpers import async_wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(90)]
 
@@ -209,16 +209,7 @@ def run(driver: Driver, servers: list[Any], scenario: Callable[[Pools], Awaitabl
 
 async def eventually(predicate: Callable[[], Any], what: str, timeout: float = WITHIN) -> Any:
     """Poll ``predicate`` (sync or async) without blocking the event loop."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.02)
+    return await async_wait_for(predicate, timeout, interval=0.02, what=what)
 
 
 def hosts_of(engine: Any) -> dict[str, HostStats]:

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool, signals
 from sqla_rebalance.lifetime import state_of
 
-from .helpers import wait_for
+from .helpers import async_wait_for, wait_for
 
 pytestmark = pytest.mark.servers
 
@@ -357,19 +357,6 @@ def test_twenty_freeze_thaw_cycles_leak_nothing(engines, pg_cluster, app_name):
         probe.dispose()
     # Every thread of the pool (passes, checks, connects) is gone once it is disposed.
     wait_for(lambda: threading.active_count() <= threads_before, timeout=15)
-
-
-async def async_wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """:func:`wait_for` inside an event loop: polls with ``asyncio.sleep``, so the pools'
-    tasks in the same loop (their maintenance, checks and connects) go on meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        await asyncio.sleep(interval)
 
 
 @pytest.mark.timeout(90)  # a pool that blocked the loop on the frozen host would hang it

@@ -8,7 +8,7 @@ its background connects and its health checks run on the pool's own
 tasks in the event loop that owns its connections (its driver cannot be
 used from another thread), as greenlets, like SQLAlchemy's own async engine.
 
-The :class:`Schedule` fields are written without a lock:
+The :class:`Schedule` fields are written without a lock, except ``scan_by``:
 
 - ``next_due``: the worker (``now + MAX_SLEEP`` before dispatching), the end
   of a pass (its plan), and :meth:`Schedule.request` (0: now).

@@ -31,7 +31,7 @@ def now() -> float:
 
 def wall() -> float:
     """Seconds on the wall clock: only to compare with or hand to an outside party
-    (SQLAlchemy's ``starttime``, a DNS answer's expiry, a signal's timestamp)."""
+    (SQLAlchemy's ``starttime``, a signal's timestamp)."""
     return time.time()
 
 

@@ -326,9 +326,8 @@ class RebalancePlugin(CreateEnginePlugin):
         """
         merged = {**signature_defaults(pool_cls), **pool_args}
         merged.update({argument: value for argument, (_, _, value) in self.settings.items()})
-        wanted = inspect.signature(PoolConfig.build).parameters
         try:
-            PoolConfig.build(**{k: v for k, v in merged.items() if k in wanted})
+            PoolConfig.build(**table.build_arguments(merged))
         except ConfigurationError as err:
             message = str(err)
             # Messages start with the argument they are about; others may be
@@ -347,8 +346,6 @@ class RebalancePlugin(CreateEnginePlugin):
                     f"{', '.join(culprits)} (URL, plugin=rebalance): {message}"
                 ) from err
             # Not about a URL parameter: the pool raises it with its own words.
-        except TypeError:
-            pass  # PoolConfig.build changed shape; the pool still validates everything
         self._explain_hosts(pool_args.get("dialect"))
 
     def _explain_hosts(self, dialect: object) -> None:

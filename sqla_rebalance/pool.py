@@ -28,11 +28,11 @@ from . import _sa, clock, signals, stats, targets
 from .background import Background, Schedule
 from .bus.listener import Listener
 from .bus.message import Command
-from .config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig
+from .config import PoolConfig
 from .hosts import HostSet
 from .ledger import Ledger
 from .maintenance import Maintenance
-from .parameters import PARAMETERS, build_arguments
+from .parameters import PARAMETERS, build_arguments, with_param_docs
 from .stats import MANUAL, RETIREMENT_REASONS, SIGNAL, BusStats, Counters, PoolStats
 from .steering import Report, Steering, hosts_for
 from .wiring import SECRET_ENV, Wiring
@@ -58,52 +58,11 @@ class RebalancingQueuePool(QueuePool):
     Use it with ``create_engine(url, poolclass=RebalancingQueuePool, ...)``;
     every argument below can be passed to ``create_engine`` by name.
 
-    :param recycle_jitter: fraction in ``[0, 1)``. Each connection lives a
-      lifetime drawn uniformly in ``[pool_recycle * (1 - jitter), pool_recycle]``
-      seconds. Default 0.2 when ``pool_recycle`` is set; giving it without
-      ``pool_recycle`` is an error.
-    :param min_size: connections to open in the background at start and to
-      keep open (default 0, like ``QueuePool``).
-    :param max_idle: seconds; idle connections above ``min_size`` that were
-      not needed for this long are closed (default None: never, like
-      ``QueuePool``).
-    :param pool_name: name used in stats, logs and cluster-wide commands
-      (default ``"default"``).
-    :param hosts: the hosts to spread connections over, ``"name:port"``
-      strings; a nested list is a lower-priority tier, used only while no host
-      of a better tier is healthy. Default: the URL's host(s). Every DNS name
-      stands for all its A/AAAA records.
-    :param target_role: ``"any"`` (default), ``"primary"``, ``"standby"`` or
-      ``"prefer-standby"``; checked on each connect and by health checks.
-    :param dns_nameservers: ``["ip:port", ...]`` or a dnspython ``Resolver``
-      (default: the system's resolver configuration).
-    :param dns_min_refresh: seconds; names are re-resolved when their TTL runs
-      out, but not more often than this (default 1).
-    :param dns_max_refresh: seconds; ... and at least this often (default 60).
-    :param health_check_interval: seconds between checks of each host (a
-      query on one of its idle connections, or a connect probe when it has
-      none idle or it failed). None checks only hosts that failed. Default 1.
-    :param health_check_timeout: seconds a health check, role query or
-      connect may go unanswered; each such period counts as one failure of
-      the host ("deadline exceeded"), so a host that hangs is suspect after
-      one and down after ``unhealthy_threshold`` of them. Default 1.
-    :param connect_deadline: the driver's connect timeout for connections
-      the pool opens, when the URL or ``connect_args`` set none (libpq would
-      wait forever). Default 5.
-    :param unhealthy_threshold: consecutive failures that mark a host down
-      (default 3).
-    :param rebalance_spread: seconds over which a rebalance moves connections
-      (default 1).
-    :param broadcast: a bus URL (``redis://...``, ``postgresql://...``,
-      ``sqlite:///path``) or a :class:`sqla_rebalance.bus.Bus`: the pool then
-      obeys cluster-wide ``recycle``/``rebalance``/``refresh``/``drain``
-      commands sent there (``sqla-rebalance recycle --bus URL``). Default None.
-    :param broadcast_secret: the HMAC key that commands must be signed with
-      (str or bytes). Default: ``$SQLA_REBALANCE_SECRET``; without either the
-      pool warns and accepts unsigned commands.
-    :param min_recycle_interval: seconds; the pool applies at most one batch
-      of cluster-wide commands per interval, coalescing the rest (default 10).
+    The ``:param:`` lines of this package's arguments (SQLAlchemy's own are
+    SQLAlchemy's) are added below from ``sqla_rebalance.parameters.PARAMETERS``.
     """
+
+    __doc__ = with_param_docs(__doc__)
 
     #: Reasons accepted by :meth:`recycle`.
     recycle_reasons: ClassVar[tuple[str, ...]] = RETIREMENT_REASONS
@@ -120,25 +79,25 @@ class RebalancingQueuePool(QueuePool):
         max_idle: float | None = None,
         pool_name: str | None = None,
         hosts: Any = None,
-        target_role: str | None = None,
+        target_role: str | None = "any",
         dns_nameservers: Any = None,
-        dns_min_refresh: float | None = None,
+        dns_min_refresh: float | None = 1.0,
         dns_max_refresh: float | None = None,
-        health_check_interval: float | None = DEFAULT_HEALTH_CHECK_INTERVAL,
-        unhealthy_threshold: int | None = None,
-        rebalance_spread: float | None = None,
+        health_check_interval: float | None = 1.0,
+        unhealthy_threshold: int | None = 3,
+        rebalance_spread: float | None = 1.0,
         broadcast: Any = None,
         broadcast_secret: str | bytes | None = None,
-        min_recycle_interval: float | None = None,
-        health_check_timeout: float | None = None,
-        connect_deadline: float | None = None,
+        min_recycle_interval: float | None = 10.0,
+        health_check_timeout: float | None = 1.0,
+        connect_deadline: float | None = 5.0,
         **kw: Any,
     ) -> None:
-        # The arguments as given, by name (pool_recycle unset is -1, as in Pool);
-        # the table says which of them PoolConfig checks.
+        # The arguments as given, by name; the table says which of them PoolConfig
+        # checks, and the default of those not given (pool_recycle: -1, as in Pool).
         given = {k: v for k, v in locals().items() if k not in ("self", "creator", "kw")}
         recreated = kw.pop("_recreated", False)
-        cfg = self._config = PoolConfig.build(**build_arguments({"recycle": -1, **kw, **given}))
+        cfg = self._config = PoolConfig.build(**build_arguments({**kw, **given}))
         # Every argument is checked before QueuePool is built.
         self._wiring = Wiring(cfg.pool_name, broadcast, broadcast_secret, recreated)
         self._broadcast_secret_arg = broadcast_secret

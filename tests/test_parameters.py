@@ -15,9 +15,14 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import create_engine
 
-from sqla_rebalance import RebalancingQueuePool
+from sqla_rebalance import AsyncRebalancingQueuePool, ConfigurationError, RebalancingQueuePool
 from sqla_rebalance.config import PoolConfig
-from sqla_rebalance.parameters import PARAMETERS, Parameter
+from sqla_rebalance.parameters import (
+    PARAMETERS,
+    Parameter,
+    build_arguments,
+    signature_defaults,
+)
 
 #: A value that is not the default, for each kind of setting, and the same as URL text.
 SAMPLES: dict[str, tuple[Any, str]] = {
@@ -76,6 +81,7 @@ def _config_value(engine: Any, param: Parameter) -> Any:
 
 
 def test_the_table_and_the_pool_signature_agree():
+    """Same arguments, same defaults: SQLAlchemy reads the signature, everything else the table."""
     signature = inspect.signature(RebalancingQueuePool.__init__).parameters
     spelt = [
         name
@@ -83,32 +89,69 @@ def test_the_table_and_the_pool_signature_agree():
         if name not in ("self", "creator") and p.kind is p.POSITIONAL_OR_KEYWORD
     ]
     assert sorted(spelt) == sorted(p.argument for p in PARAMETERS if p.in_signature)
-    documented = inspect.getdoc(RebalancingQueuePool) or ""
-    for p in PARAMETERS:
-        if not p.sqlalchemy:
-            assert f":param {p.argument}:" in documented, p.argument
+    defaults = signature_defaults(RebalancingQueuePool)  # Pool's own for recycle, pre_ping
+    differ = {p.argument: (p.default, defaults[p.argument]) for p in PARAMETERS}
+    assert {k: v for k, v in differ.items() if v[0] != v[1] or type(v[0]) is not type(v[1])} == {}
     assert set(SAMPLES) == {p.argument for p in PARAMETERS}
 
 
-def test_the_table_and_pool_config_agree():
-    built = set(inspect.signature(PoolConfig.build).parameters)
-    assert built == {p.build for p in PARAMETERS if p.build}
-    fields = set(PoolConfig.__dataclass_fields__)
-    assert {p.stored for p in PARAMETERS if p.stored} <= fields
-
-
-def test_pool_config_defaults_are_the_pools():
-    """The integrations build a PoolConfig from what the user gave (the rest by its
-    defaults): those defaults must be the pool's own, or a setting left out would mean
-    one thing in create_engine and another in a URL or a settings file."""
-    built = inspect.signature(PoolConfig.build).parameters
-    pool = inspect.signature(RebalancingQueuePool.__init__).parameters
-    compared = 0
+def test_the_pool_docstring_is_the_tables():
+    documented = inspect.getdoc(RebalancingQueuePool) or ""
+    flat = " ".join(documented.split())
     for p in PARAMETERS:
-        if p.build and p.in_signature and built[p.build].default is not inspect.Parameter.empty:
-            assert built[p.build].default == pool[p.argument].default, p.argument
-            compared += 1
-    assert compared >= 10
+        if p.sqlalchemy:
+            assert not p.doc and f":param {p.argument}:" not in documented, p.argument
+        else:
+            assert f":param {p.argument}: {p.doc}" in flat, p.argument
+    assert inspect.getdoc(AsyncRebalancingQueuePool)  # its own, short
+
+
+def test_the_table_and_pool_config_agree():
+    fields = set(PoolConfig.__dataclass_fields__)
+    assert {p.build for p in PARAMETERS if p.build} <= fields
+    assert {p.stored for p in PARAMETERS if p.stored} <= fields
+    checked = [p.argument for p in PARAMETERS if p.build and p.check is None]
+    assert checked == ["hosts", "dns_nameservers", "broadcast"]  # checked where used
+    with pytest.raises(TypeError, match="recycel"):
+        PoolConfig.build(recycel=600)
+
+
+def test_every_default_is_valid_and_left_out_means_default():
+    """PoolConfig.build with nothing given is the pool's default configuration; so is
+    each of this package's settings given as None (what a settings file or a wrapper
+    passing every argument gives), unless None means something there."""
+    default = PoolConfig.build()
+    assert default == PoolConfig.build(**build_arguments(signature_defaults(RebalancingQueuePool)))
+    assert (default.pool_size, default.max_overflow, default.timeout) == (5, 10, 30.0)
+    assert (default.recycle, default.recycle_jitter, default.pool_name) == (-1, 0.0, "default")
+    assert (default.target_role, default.dns_max_refresh, default.unhealthy_threshold) == (
+        "any",
+        60.0,
+        3,
+    )
+    for p in PARAMETERS:
+        if not p.build or p.sqlalchemy:
+            continue
+        given_none = PoolConfig.build(**{p.build: None})
+        if p.none_is_value:
+            assert getattr(given_none, p.build) is None, p.argument
+        else:
+            assert given_none == default, p.argument
+
+
+def test_validators_see_the_settings_checked_before_them():
+    """Table order is check order: a relation is checked by the later setting."""
+    with pytest.raises(
+        ConfigurationError, match=r"^min_size \(6\) cannot be larger than pool_size"
+    ):
+        PoolConfig.build(pool_size=5, min_size=6)
+    with pytest.raises(ConfigurationError, match=r"^dns_max_refresh \(2\) must be >= dns_min"):
+        PoolConfig.build(dns_min_refresh=3, dns_max_refresh=2)
+    assert PoolConfig.build(dns_min_refresh=90).dns_max_refresh == 90  # default follows
+    assert PoolConfig.build(pool_size=0, max_overflow=-7).max_overflow == -1  # QueuePool's
+    assert PoolConfig.build(recycle=100).recycle_jitter == 0.2
+    with pytest.raises(ConfigurationError, match=r"^recycle_jitter needs pool_recycle"):
+        PoolConfig.build(recycle_jitter=0.1)
 
 
 def test_the_pool_hands_every_checked_argument_to_pool_config(monkeypatch, tmp_path):

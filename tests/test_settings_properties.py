@@ -54,6 +54,7 @@ from hypothesis import strategies as st
 from sqlalchemy import URL, create_engine
 from sqlalchemy.pool import QueuePool
 
+from sqla_rebalance import parameters as table
 from sqla_rebalance import pool as pool_module
 from sqla_rebalance.config import (
     MAX_COUNT,
@@ -252,36 +253,9 @@ def _as_text(value: Any) -> str:
 
 # --------------------------------------------------------------------------- PoolConfig
 
-#: ``PoolConfig.build`` parameter -> the name its messages start with.
-BUILD_ARGS = {
-    "pool_size": "pool_size",
-    "max_overflow": "max_overflow",
-    "timeout": "pool_timeout",
-    "recycle": "pool_recycle",
-    "recycle_jitter": "recycle_jitter",
-    "min_size": "min_size",
-    "max_idle": "max_idle",
-    "pool_name": "pool_name",
-    "target_role": "target_role",
-    "dns_min_refresh": "dns_min_refresh",
-    "dns_max_refresh": "dns_max_refresh",
-    "health_check_interval": "health_check_interval",
-    "health_check_timeout": "health_check_timeout",
-    "connect_deadline": "connect_deadline",
-    "unhealthy_threshold": "unhealthy_threshold",
-    "rebalance_spread": "rebalance_spread",
-    "min_recycle_interval": "min_recycle_interval",
-}
-BUILD_DEFAULTS: dict[str, Any] = {
-    "pool_size": 5,
-    "max_overflow": 10,
-    "timeout": 30.0,
-    "recycle": -1,
-    "recycle_jitter": None,
-    "min_size": 0,
-    "max_idle": None,
-    "pool_name": None,
-}
+#: ``PoolConfig.build`` parameter -> the name its messages start with: every setting
+#: the table gives a validator (the others are checked where they are used).
+BUILD_ARGS = {p.build: p.create_engine_keyword for p in table.PARAMETERS if p.check}
 
 
 def _assert_sane(cfg: PoolConfig) -> None:
@@ -338,7 +312,7 @@ def _draw_settings(
 def test_pool_arguments_of_any_type_are_accepted_in_range_or_refused_by_name(data):
     given_args = _draw_settings(data, st.sampled_from(sorted(BUILD_ARGS)), _valid_or_anything, 6)
     try:
-        cfg = PoolConfig.build(**{**BUILD_DEFAULTS, **given_args})
+        cfg = PoolConfig.build(**given_args)
     except ConfigurationError as err:
         message = str(err)
         named = [BUILD_ARGS[arg] for arg in given_args]
@@ -375,7 +349,7 @@ CONFIG_FIELD = {"pool_name": "pool_name"}
 @PURE
 @given(st.fixed_dictionaries({}, optional=SANE))
 def test_every_value_in_the_documented_ranges_is_accepted_unchanged(values):
-    cfg = PoolConfig.build(**{**BUILD_DEFAULTS, **values})
+    cfg = PoolConfig.build(**values)
     for arg, value in values.items():
         if value is not None or arg in ("timeout", "max_idle", "health_check_interval"):
             assert getattr(cfg, arg) == value, arg

@@ -46,7 +46,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import QueuePool
 
 from ...bus import open_bus
-from ...config import DEFAULT_HEALTH_CHECK_INTERVAL, PoolConfig, brief_repr
+from ...config import PoolConfig, brief_repr
 from ...dns import Resolver
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
@@ -366,31 +366,13 @@ def _validate_values(
             open_bus(values["BROADCAST"])  # checks the URL; connects to nothing
         except ConfigurationError as err:
             raise fail("BROADCAST", str(err)) from None
-    recycle = values.get("RECYCLE")
-    health = values.get("HEALTH_CHECK_INTERVAL", DEFAULT_HEALTH_CHECK_INTERVAL)
+    # The keys given, by PoolConfig.build name; the rest take the pool's defaults.
+    checked = {p.build: values[p.django] for p in PARAMETERS if p.build and p.django in values}
+    if checked.get("recycle", -1) is None:
+        checked["recycle"] = -1  # RECYCLE: None turns the Django default off
+    checked.setdefault("pool_name", alias)
     try:
-        PoolConfig.build(
-            pool_size=values.get("POOL_SIZE", 5),
-            max_overflow=values.get("MAX_OVERFLOW", 10),
-            timeout=values.get("POOL_TIMEOUT", 30.0),
-            recycle=-1 if recycle is None else recycle,
-            recycle_jitter=values.get("JITTER"),
-            min_size=values.get("MIN_SIZE", 0),
-            max_idle=values.get("MAX_IDLE"),
-            pool_name=values.get("POOL_NAME", alias),
-            hosts=values.get("HOSTS"),
-            target_role=values.get("TARGET_ROLE"),
-            dns_nameservers=values.get("DNS_NAMESERVERS"),
-            dns_min_refresh=values.get("DNS_MIN_REFRESH"),
-            dns_max_refresh=values.get("DNS_MAX_REFRESH"),
-            health_check_interval=health,
-            health_check_timeout=values.get("HEALTH_CHECK_TIMEOUT"),
-            connect_deadline=values.get("CONNECT_DEADLINE"),
-            unhealthy_threshold=values.get("UNHEALTHY_THRESHOLD"),
-            rebalance_spread=values.get("REBALANCE_SPREAD"),
-            broadcast=values.get("BROADCAST"),
-            min_recycle_interval=values.get("MIN_RECYCLE_INTERVAL"),
-        )
+        PoolConfig.build(**checked)
     except ConfigurationError as err:
         # PoolConfig's messages start with the argument's name.
         message = str(err)

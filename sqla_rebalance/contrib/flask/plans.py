@@ -5,7 +5,6 @@ it keeps in ``app.extensions["sqla_rebalance"]``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from ...bus import Bus
 from ...config import DEFAULT_POOL_NAME, PoolConfig, brief_repr
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
-from ...parameters import signature_defaults
+from ...parameters import PARAMETERS
 from ...pool import AsyncRebalancingQueuePool, RebalancingQueuePool
 from .settings import BY_BIND_NAME, Unset, Value
 
@@ -38,9 +37,8 @@ FSA_KEY = "sqlalchemy"
 _INT_COERCED = ("pool_recycle", "pool_timeout", "pool_size", "max_overflow")
 #: Flask-SQLAlchemy gives MySQL engines ``pool_recycle=7200`` unless set.
 _FSA_MYSQL_RECYCLE = 7200
-#: ``create_engine`` keyword -> ``PoolConfig.build`` parameter, where they differ.
-_BUILD_NAMES = {"pool_recycle": "recycle", "pool_timeout": "timeout"}
-_BUILD_PARAMS = frozenset(inspect.signature(PoolConfig.build).parameters)
+#: ``create_engine`` keyword -> ``PoolConfig.build`` keyword, for the settings it checks.
+_BUILD_NAMES = {p.create_engine_keyword: p.build for p in PARAMETERS if p.build}
 
 
 @dataclass
@@ -216,14 +214,12 @@ def plan_engine(
             f"whose engine_from_config() passes pool_recycle through int() ({where})"
         )
 
-    # Validate as the pool will, with the user's options and the defaults.
-    merged: dict[str, Any] = {
-        k: v for k, v in signature_defaults(RebalancingQueuePool).items() if k in _BUILD_PARAMS
-    }
+    # Validate as the pool will, with the user's options (the rest: the table's defaults).
+    merged: dict[str, Any] = {}
     labels: dict[str, str] = {}
     for keyword, raw in user.items():
-        arg = _BUILD_NAMES.get(keyword, keyword)
-        if arg not in _BUILD_PARAMS or not isinstance(keyword, str):
+        arg = _BUILD_NAMES.get(keyword) if isinstance(keyword, str) else None
+        if arg is None:
             continue
         value = raw
         if through_fsa and keyword in _INT_COERCED and raw is not None:
@@ -234,8 +230,8 @@ def plan_engine(
         merged[arg] = value
         labels[keyword] = f"{user_label}[{keyword!r}]={brief_repr(raw)}"
     for keyword, ours in values.items():
-        arg = _BUILD_NAMES.get(keyword, keyword)
-        if arg in _BUILD_PARAMS:
+        arg = _BUILD_NAMES.get(keyword)
+        if arg is not None:
             merged[arg] = ours.value
             labels[keyword] = ours.describe()
     if (

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -185,13 +186,42 @@ def test_package_source_never_imports_tests():
     assert found == []
 
 
-def _run_from_copy(
-    tmp_path: Path, code: str, unset: tuple[str, ...] = ()
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package as a wheel installs it: a wheel built from a copy of the sources (so
+    setup.cfg's packages, package data and entry points decide what is in it; nothing
+    is written to the checkout), unpacked into a site directory of its own."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(
+        PACKAGE, source / "sqla_rebalance", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    built = subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"),
+            *("--no-index", "--wheel-dir", str(work / "dist"), str(source)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (work / "dist").glob("sqla_rebalance-*.whl")
+    site = work / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    return site
+
+
+def _run_from_wheel(
+    site: Path, tmp_path: Path, code: str, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter that imports a copy of the package, as installed from
-    a wheel: the repository is neither the working directory nor on ``sys.path``."""
-    site = tmp_path / "site"
-    shutil.copytree(PACKAGE, site / "sqla_rebalance", ignore=shutil.ignore_patterns("__pycache__"))
+    """Run ``code`` in a fresh interpreter that imports the package from the wheel: the
+    repository is neither the working directory nor on ``sys.path``."""
     environ = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", *unset}}
     environ["PYTHONPATH"] = str(site)
     return subprocess.run(
@@ -203,6 +233,46 @@ def _run_from_copy(
         check=False,
         timeout=240,
     )
+
+
+def test_the_wheel_carries_every_module_the_typing_marker_and_the_entry_points(wheel_site):
+    modules = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")}
+    shipped = {p.relative_to(wheel_site).as_posix() for p in wheel_site.rglob("*.py")}
+    assert modules - shipped == set()
+    assert (wheel_site / "sqla_rebalance" / "py.typed").is_file()
+    (info,) = wheel_site.glob("sqla_rebalance-*.dist-info")
+    points = (info / "entry_points.txt").read_text()
+    assert "sqla-rebalance = sqla_rebalance.cli:main" in points
+    assert "rebalance = sqla_rebalance.plugin:RebalancePlugin" in points
+
+
+def test_the_installed_entry_points_work(wheel_site, tmp_path):
+    """The console script's entry point and ``plugin=rebalance`` (SQLAlchemy finds it by
+    its entry point) from the wheel's metadata."""
+    code = (
+        _CHECKS
+        + """
+import contextlib, io
+from importlib.metadata import entry_points
+from sqlalchemy import create_engine
+(script,) = entry_points(group="console_scripts", name="sqla-rebalance")
+main = script.load()
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    main(["demo", "--help"])
+assert "--postgres" in out.getvalue(), out.getvalue()
+engine = create_engine(f"sqlite:///{site}/app.db?plugin=rebalance&rebalance_pool_name=wheel")
+assert type(engine.pool).__module__ == "sqla_rebalance.pool", type(engine.pool)
+assert sys.modules["sqla_rebalance.pool"].__file__.startswith(site)
+assert engine.pool.pool_name == "wheel"
+engine.dispose()
+print("ok")
+"""
+        + _NO_TESTS
+    )
+    result = _run_from_wheel(wheel_site, tmp_path, code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")
 
 
 # Shared by the two tests below: where the package came from, and that nothing of the
@@ -219,14 +289,14 @@ assert not any(m == "tests" or m.startswith("tests.") for m in sys.modules), sor
 """
 
 
-def test_package_imports_no_tests_module(tmp_path):
+def test_package_imports_no_tests_module(wheel_site, tmp_path):
     code = _CHECKS + "import sqla_rebalance.cli, sqla_rebalance.demo, sqla_rebalance.devservers\n"
-    result = _run_from_copy(tmp_path, code + _NO_TESTS)
+    result = _run_from_wheel(wheel_site, tmp_path, code + _NO_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.servers
-def test_postgres_demo_servers_need_no_checkout(tmp_path):
+def test_postgres_demo_servers_need_no_checkout(wheel_site, tmp_path):
     """The demo's PostgreSQL hosts come from the package (``sqla_rebalance.devservers``)."""
     pytest.importorskip("psycopg")
     code = (
@@ -250,7 +320,7 @@ print(json.dumps(result))
         + _NO_TESTS
     )
     # Its own cluster: a fixed port would clash with the session's pg_cluster.
-    result = _run_from_copy(tmp_path, code, unset=(devservers.PORT_ENV,))
+    result = _run_from_wheel(wheel_site, tmp_path, code, unset=(devservers.PORT_ENV,))
     assert result.returncode == 0, result.stdout + result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["cluster"] == "sqla_rebalance.devservers.postgres"

@@ -25,8 +25,16 @@ The pool's ``__init__`` must still spell its arguments out: SQLAlchemy's
 object's argument names), and a keyword-only or ``**kw`` argument would be
 refused. ``tests/test_parameters.py`` checks that the signature has the
 table's arguments and defaults. Adding a setting therefore touches a row
-here, the pool's signature (one line, checked against the row), and the code
-that uses the value (its field in ``PoolConfig`` and its reader).
+here (and its validator in ``validation.py``), the pool's signature (one line,
+checked against the row), and the code that uses the value (its field in
+``PoolConfig`` and its reader); then ``scripts/gen_docs.py`` regenerates the
+reference, and ``docs/configuration.md`` wants a section on its range and why
+its default (docs/development.md, "Adding a setting").
+
+The ``:param:`` lines are added to the pool's docstring when the class is
+made, so ``help()``, Sphinx's autodoc and editors that import the code show
+them; an editor that only parses the source shows the class's summary and the
+signature, with its real defaults. That is the price of one text per setting.
 """
 
 from __future__ import annotations

@@ -322,7 +322,8 @@ class RebalancePlugin(CreateEnginePlugin):
 
         The pool's own message names its argument (``recycle_jitter must be in
         [0, 1) …``), which a user who wrote ``rebalance_jitter=1.5`` would have
-        to translate; the checks themselves stay in one place (``PoolConfig``).
+        to translate; the checks themselves stay in one place (the validators of
+        the parameter table, run by ``PoolConfig.build``).
         """
         merged = {**signature_defaults(pool_cls), **pool_args}
         merged.update({argument: value for argument, (_, _, value) in self.settings.items()})

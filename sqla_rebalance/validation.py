@@ -133,10 +133,12 @@ def seconds(
 
 
 # --------------------------------------------------------------------------- validators
-# One per setting of sqla_rebalance.parameters.PARAMETERS, in table order: the
-# value (None replaced by the row's default unless None has a meaning) and the
-# settings checked before it, to the value the pool uses. Each message starts with the create_engine
-# name and gives the whole range: docs/configuration.md quotes them.
+# In the order of sqla_rebalance.parameters.PARAMETERS, one for each row that
+# PoolConfig checks (hosts=, dns_nameservers= and broadcast= are checked where
+# they are used): the value (None replaced by the row's default unless None has
+# a meaning) and the settings checked before it, to the value the pool uses.
+# Each message starts with the create_engine name and gives the whole range:
+# docs/configuration.md quotes them, tests/test_parameters.py pins them.
 
 
 def check_pool_size(value: Any, _: Mapping[str, Any]) -> int:
@@ -152,7 +154,7 @@ def check_max_overflow(value: Any, checked: Mapping[str, Any]) -> int:
     if not -1 <= result <= MAX_COUNT:
         raise ConfigurationError(
             f"max_overflow must be >= 0, or -1 for no limit (and <= {MAX_COUNT}, "
-            f"sys.maxsize), got {brief_repr(value)}"
+            f"sys.maxsize), got {brief_repr(result)}"
         )
     return result
 
@@ -287,9 +289,11 @@ def _seconds_in(name: str, least: float, most: float = MAX_SECONDS) -> Check:
 
 check_health_check_timeout = _seconds_in("health_check_timeout", MIN_INTERVAL, MAX_DEADLINE)
 check_connect_deadline = _seconds_in("connect_deadline", MIN_INTERVAL, MAX_DEADLINE)
-check_rebalance_spread = _seconds_in("rebalance_spread", 0.0, MAX_REBALANCE_SPREAD)
-check_min_recycle_interval = _seconds_in("min_recycle_interval", 0.0)
 
 
 def check_unhealthy_threshold(value: Any, _: Mapping[str, Any]) -> int:
     return count("unhealthy_threshold", value, 1)
+
+
+check_rebalance_spread = _seconds_in("rebalance_spread", 0.0, MAX_REBALANCE_SPREAD)
+check_min_recycle_interval = _seconds_in("min_recycle_interval", 0.0)

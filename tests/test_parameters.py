@@ -8,7 +8,9 @@ the pool but not to the table (or the other way round) fails here.
 
 from __future__ import annotations
 
+import enum
 import inspect
+import math
 from typing import Any
 from urllib.parse import quote
 
@@ -16,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from sqla_rebalance import AsyncRebalancingQueuePool, ConfigurationError, RebalancingQueuePool
-from sqla_rebalance.config import PoolConfig
+from sqla_rebalance.config import MAX_COUNT, MAX_SECONDS, PoolConfig
 from sqla_rebalance.parameters import (
     PARAMETERS,
     Parameter,
@@ -251,3 +253,122 @@ def test_each_flask_key_becomes_its_create_engine_argument_and_reaches_the_pool(
             assert _config_value(engine, param) == value
     finally:
         engine.dispose()
+
+
+#: One case per message of the validators, with the exact text users see (and
+#: docs/configuration.md quotes): a refactor of the checks must not change a word.
+T = f"{MAX_SECONDS:.0f}"
+MESSAGES: list[tuple[dict[str, Any], str]] = [
+    ({"pool_size": "5"}, "pool_size must be an integer, got '5'"),
+    ({"pool_size": -1}, f"pool_size must be >= 0 and <= {MAX_COUNT} (sys.maxsize), got -1"),
+    ({"max_overflow": 1.5}, "max_overflow must be an integer, got 1.5"),
+    (
+        {"max_overflow": -2},
+        f"max_overflow must be >= 0, or -1 for no limit (and <= {MAX_COUNT}, sys.maxsize), got -2",
+    ),
+    ({"timeout": True}, "pool_timeout must be a number, got True"),
+    (
+        {"timeout": -1},
+        f"pool_timeout must be >= 0 seconds and <= {T} (threading.TIMEOUT_MAX, the longest "
+        "wait Python accepts), or None to wait without a limit, got -1",
+    ),
+    ({"recycle": math.nan}, "pool_recycle must be a finite number, got nan"),
+    (
+        {"recycle": -0.5},
+        f"pool_recycle must be a positive number of seconds (<= {T}, threading.TIMEOUT_MAX), "
+        "or -1 to disable, got -0.5",
+    ),
+    (
+        {"recycle": 60, "recycle_jitter": 1},
+        "recycle_jitter must be in [0, 1) (a fraction of pool_recycle), got 1",
+    ),
+    (
+        {"recycle_jitter": 0.1},
+        "recycle_jitter needs pool_recycle: set pool_recycle (the maximum lifetime in seconds) "
+        "or leave recycle_jitter out",
+    ),
+    ({"pool_size": 2, "min_size": 3}, "min_size (3) cannot be larger than pool_size (2)"),
+    (
+        {"max_idle": 0},
+        f"max_idle must be a positive number of seconds (<= {T}, threading.TIMEOUT_MAX) or None, "
+        "got 0",
+    ),
+    ({"pool_name": " "}, "pool_name must be a non-empty string, got ' '"),
+    (
+        {"pool_name": "x" * 201},
+        "pool_name must be at most 200 characters (the longest name a cluster-wide command "
+        "can address), got 201",
+    ),
+    (
+        {"pool_name": "a\tb"},
+        "pool_name must be printable text, without line breaks, tabs or other control "
+        "characters (it is written to logs and matched by cluster-wide commands), got 'a\\tb'",
+    ),
+    (
+        {"target_role": "master"},
+        "target_role must be one of any, primary, standby, prefer-standby, got 'master'",
+    ),
+    (
+        {"dns_min_refresh": 0},
+        f"dns_min_refresh must be >= 0.01 and <= {T} (threading.TIMEOUT_MAX) seconds, got 0",
+    ),
+    (
+        {"dns_min_refresh": 5, "dns_max_refresh": 2},
+        "dns_max_refresh (2) must be >= dns_min_refresh (5)",
+    ),
+    (
+        {"health_check_interval": 0.001},
+        f"health_check_interval must be a positive number of seconds (>= 0.01 and <= {T}, "
+        "threading.TIMEOUT_MAX), or None to check only hosts that failed, got 0.001",
+    ),
+    (
+        {"health_check_timeout": 7200},
+        "health_check_timeout must be >= 0.01 and <= 3600 seconds, got 7200",
+    ),
+    ({"connect_deadline": "5"}, "connect_deadline must be a number, got '5'"),
+    (
+        {"unhealthy_threshold": 0},
+        f"unhealthy_threshold must be >= 1 and <= {MAX_COUNT} (sys.maxsize), got 0",
+    ),
+    ({"rebalance_spread": 86401}, "rebalance_spread must be >= 0 and <= 86400 seconds, got 86401"),
+    (
+        {"min_recycle_interval": 10**400},
+        f"min_recycle_interval must be >= 0 and <= {T} (threading.TIMEOUT_MAX) seconds, "
+        "got an integer of about 401 digits",
+    ),
+]
+
+
+@pytest.mark.parametrize(("given", "message"), MESSAGES, ids=lambda v: str(v)[:40])
+def test_each_validator_message_word_for_word(given, message):
+    with pytest.raises(ConfigurationError) as caught:
+        PoolConfig.build(**given)
+    assert str(caught.value) == message
+
+
+def test_every_validator_has_a_message_case():
+    covered = {name for given, _ in MESSAGES for name in given}
+    assert {p.build for p in PARAMETERS if p.check} <= covered
+
+
+def test_an_int_subclass_is_printed_as_the_int_it_stands_for():
+    class Level(enum.IntEnum):
+        LOW = -2
+
+    with pytest.raises(ConfigurationError, match=r"got -2$"):
+        PoolConfig.build(max_overflow=Level.LOW)
+
+
+def test_none_for_one_of_our_settings_is_its_default_through_create_engine(tmp_path):
+    """What a settings file gives for a key it leaves empty: the default, even for
+    ``min_size`` (refused before the table, the one setting of ours that was)."""
+    none = {p.argument: None for p in PARAMETERS if not p.sqlalchemy and p.in_signature}
+    engine = create_engine(f"sqlite:///{tmp_path}/t.db", poolclass=RebalancingQueuePool, **none)
+    try:
+        config = engine.pool.config
+        assert (config.min_size, config.max_idle, config.health_check_interval) == (0, None, None)
+        assert (config.target_role, config.unhealthy_threshold) == ("any", 3)
+    finally:
+        engine.dispose()
+    with pytest.raises(ConfigurationError, match=r"^pool_size must be an integer, got None"):
+        create_engine(f"sqlite:///{tmp_path}/t.db", poolclass=RebalancingQueuePool, pool_size=None)

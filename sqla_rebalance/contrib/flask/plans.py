@@ -99,7 +99,8 @@ def _same(a: Any, b: Any) -> bool:
 def _explain(err: ConfigurationError, labels: Mapping[str, str], where: str) -> ConfigurationError:
     """Re-word a pool message to name the config keys it is about.
 
-    The pool's checks stay in one place (``PoolConfig``); its message names
+    The pool's checks stay in one place (the parameter table's validators, run
+    by ``PoolConfig.build``); its message names
     the argument (``recycle_jitter must be in [0, 1)``), which a user who
     wrote ``SQLA_REBALANCE_JITTER`` should not have to translate.
     """

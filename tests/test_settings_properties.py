@@ -724,10 +724,15 @@ ENTRY = st.one_of(
     st.lists(HOST_CHARS, max_size=10).map("".join),
     st.text("aA0-_.:[]%", max_size=16),
 )
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Lists and pairs of ``inner``: tiers, and shapes that are neither."""
+    return st.lists(inner, max_size=4) | st.tuples(inner, inner)
+
+
 HOSTS_VALUE = st.recursive(
-    st.one_of(ENTRY, st.integers(), st.none(), st.binary(max_size=3)),
-    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner),
-    max_leaves=8,
+    st.one_of(ENTRY, st.integers(), st.none(), st.binary(max_size=3)), _nested, max_leaves=8
 )
 
 

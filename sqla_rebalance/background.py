@@ -36,12 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _sa, clock
+from . import _sa, clock, randomness
 from .executor import Executor
 from .stats import DISPOSE
 from .worker import MAX_SLEEP, get_worker
@@ -338,7 +337,7 @@ class Background:
             # ...is a failed background connect like any other: backoff, not the end of
             # this pool's maintenance.
             self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
-            self.retry_at = clock.now() + random.uniform(0, self._backoff)
+            self.retry_at = clock.now() + randomness.rng.uniform(0, self._backoff)
             self._pool.logger.warning(
                 "pool %s: background connect failed (%s); retrying in up to %.1fs",
                 self._name,

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import clock
+from . import clock, randomness
 from .config import TARGET_ROLES
 from .dns import Answer, DnsError, Resolver, refresh_delay
 from .failure_reasons import _one_line, failure_reason
@@ -553,4 +552,4 @@ class HostSet:
 
 def _least_loaded(hosts: Sequence[Host], counts: Mapping[str, int]) -> Host:
     fewest = min(counts.get(h.key, 0) for h in hosts)
-    return random.choice([h for h in hosts if counts.get(h.key, 0) == fewest])
+    return randomness.rng.choice([h for h in hosts if counts.get(h.key, 0) == fewest])

@@ -88,14 +88,13 @@ The rules
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from . import _sa, clock, signals
+from . import _sa, clock, randomness, signals
 from .checks import abandon_if_unhealthy
 from .lifetime import INFO_KEY, ConnState, draw_lifetime, replacement_lead, state_of
 from .stats import DISPOSE, ERROR, HOST_DOWN, IDLE, LIFETIME, OVERFLOW, Counters
@@ -231,10 +230,10 @@ class Ledger:
             if not (state.closed or state.pinned or state.connected_at > before)
             and (keys is None or state.host in keys)
         ]
-        random.shuffle(chosen)
+        randomness.rng.shuffle(chosen)
         step = spread / len(chosen) if chosen and spread > 0 else 0.0
         for k, state in enumerate(chosen):
-            at = now + (k + random.random()) * step if step else now
+            at = now + (k + randomness.rng.random()) * step if step else now
             if state.retire_at is None or at < state.retire_at:  # rule 7
                 state.retire_at = at
                 state.retire_reason = reason
@@ -292,7 +291,7 @@ class Ledger:
             )
             within = 0.0 if reason == HOST_DOWN else spread
             for _rec, state in candidates[:n]:
-                state.retire_at = now + (random.uniform(0.0, within) if within > 0 else 0.0)
+                state.retire_at = now + (randomness.rng.uniform(0.0, within) if within > 0 else 0.0)
                 state.retire_reason = reason
                 marked += 1
         return marked

@@ -9,6 +9,7 @@ import random
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import randomness
 from .stats import LIFETIME
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def draw_lifetime(recycle: float, jitter: float, rng: random.Random | None = Non
     """
     if recycle <= 0:
         raise ValueError("recycle must be positive")
-    r = (rng or random).random()  # [0, 1)
+    r = (rng or randomness.rng).random()  # [0, 1)
     return recycle * (1.0 - jitter * r)
 
 

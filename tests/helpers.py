@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,14 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def seed_randomness(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Repeatable draws of the package (lifetimes, spreads, tie-breaks) for one test: its
+    ``randomness.rng`` becomes a seeded generator (``random.seed`` no longer reaches it)."""
+    from sqla_rebalance import randomness
+
+    monkeypatch.setattr(randomness, "rng", random.Random(seed))
 
 
 def manual_maintenance(monkeypatch: pytest.MonkeyPatch) -> None:

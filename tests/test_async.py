@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqla_rebalance import AsyncRebalancingQueuePool, RebalancingQueuePool
 from sqla_rebalance._sa import greenlet_spawn
 
-from .helpers import FakeClock, manual_maintenance
+from .helpers import FakeClock, manual_maintenance, seed_randomness
 
 pytest.importorskip("aiosqlite")
 
@@ -36,7 +35,7 @@ def test_replacement_and_checkin_retirement_in_the_loop(tmp_path, monkeypatch):
     clock = FakeClock()
     clock.install(monkeypatch)
     manual_maintenance(monkeypatch)
-    random.seed(3)
+    seed_randomness(monkeypatch, 3)
 
     async def main():
         engine = make(tmp_path, pool_recycle=100, recycle_jitter=0.0)

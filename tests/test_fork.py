@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import sys
 
 import pytest
@@ -84,3 +86,61 @@ def test_child_uses_a_multi_host_pool(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert {k: h.open for k, h in engine.pool.stats().hosts.items()} == dict.fromkeys(hosts, 2)
     engine.dispose()
+
+
+def _draws(engine) -> list[float]:
+    """The lifetimes the pool drew for its open connections, and the moments a recycle
+    spread over 5 s chose for them (seconds after now)."""
+    states = list(engine.pool._ledger.states.values())
+    now = min(state.retire_at for state in states)
+    lifetimes = sorted(round(s.deadline - s.connected_at, 9) for s in states)
+    return lifetimes + sorted(round(s.retire_at - now, 9) for s in states)
+
+
+def test_an_application_seed_neither_lines_up_the_pools_draws_nor_is_disturbed(tmp_path):
+    """Lifetimes come from the package's own random source (``randomness``):
+
+    - after ``random.seed(0)`` in a parent and in its forked child (an application that
+      seeds every worker alike), the two pools draw different lifetimes: a fleet seeded
+      in step still expires spread out;
+    - opening, recycling and replacing connections leaves the application's seeded
+      ``random`` sequence where it was."""
+    random.seed(0)
+    expected = random.random()
+
+    def open_three() -> list[float]:
+        engine = create_engine(
+            f"sqlite:///{tmp_path}/{os.getpid()}.db",
+            poolclass=RebalancingQueuePool,
+            pool_size=3,
+            pool_recycle=600,
+            recycle_jitter=0.5,
+        )
+        with engine.connect(), engine.connect(), engine.connect():
+            pass
+        engine.pool.recycle(spread=5.0)  # idle connections marked, not closed at once
+        draws = _draws(engine)
+        engine.dispose()
+        return draws
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            random.seed(0)
+            os.write(write, json.dumps(open_three()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    random.seed(0)
+    mine = open_three()
+    assert random.random() == expected  # the application's sequence, undisturbed
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    theirs = json.loads(os.read(read, 4096))
+    assert len(mine) == len(theirs) == 6
+    assert all(300 <= lifetime <= 600 for lifetime in mine[:3] + theirs[:3])
+    assert mine[:3] != theirs[:3]  # lifetimes
+    assert mine[3:] != theirs[3:]  # the recycle's spread

@@ -11,7 +11,7 @@ from sqla_rebalance.dns import Answer, DnsError
 from sqla_rebalance.errors import ConfigurationError
 from sqla_rebalance.hosts import DOWN, PRIMARY, STANDBY, SUSPECT, UP, HostSet, parse_hosts
 
-from .helpers import FakeClock
+from .helpers import FakeClock, seed_randomness
 
 
 class FakeResolver:
@@ -136,11 +136,11 @@ def test_sqlite_paths_stay_free_form():
 # -- choice ---------------------------------------------------------------------
 
 
-def test_choose_least_connections_with_random_ties():
+def test_choose_least_connections_with_random_ties(monkeypatch):
     hs = make(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
     keys = [h.key for h in hs.hosts()]
     counts = dict.fromkeys(keys, 0)
-    random.seed(7)
+    seed_randomness(monkeypatch, 7)
     for _ in range(30):
         host = hs.choose(counts)
         counts[host.key] += 1

@@ -22,7 +22,7 @@ from sqla_rebalance.lifetime import (
 )
 from sqla_rebalance.maintenance import BATCH, IDLE_PASS
 
-from .helpers import FakeClock, manual_maintenance, wait_for
+from .helpers import FakeClock, manual_maintenance, seed_randomness, wait_for
 
 R = 100.0  # pool_recycle used below (seconds of fake time)
 
@@ -32,7 +32,7 @@ def clock(monkeypatch):
     clock = FakeClock()
     clock.install(monkeypatch)
     manual_maintenance(monkeypatch)
-    random.seed(1234)
+    seed_randomness(monkeypatch, 1234)
     return clock
 
 

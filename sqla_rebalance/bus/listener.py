@@ -41,13 +41,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import random
 import threading
 import time
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .. import randomness
 from . import registry
 from .base import Ack, Bus, BusDataError, BusUnavailableError, Subscription
 from .coalescing import Pending as _Pending
@@ -117,7 +117,7 @@ _FAST_HEARTBEATS = 5.0
 
 
 def _jitter(value: float, low: float = 0.5, high: float = 1.5) -> float:
-    return value * random.uniform(low, high)
+    return value * randomness.rng.uniform(low, high)
 
 
 _listener_numbers = itertools.count(1)
@@ -278,7 +278,7 @@ class Listener:
                 if time.monotonic() - up_since > _STABLE:
                     backoff = 0.0
                 backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, backoff * 2))
-                if self._pause(random.uniform(0.0, backoff)):
+                if self._pause(randomness.rng.uniform(0.0, backoff)):
                     return
         finally:
             self.connected = False
@@ -533,7 +533,7 @@ class Listener:
         """When to heartbeat after a command (see :data:`ACK_RATE`)."""
         fleet = self._fleet
         window = min(ACK_WINDOW_MAX, fleet / ACK_RATE) if fleet else 0.0
-        return now + 0.2 + random.uniform(0.0, window)
+        return now + 0.2 + randomness.rng.uniform(0.0, window)
 
     def _heartbeat(self, sub: Subscription) -> None:
         now = time.monotonic()

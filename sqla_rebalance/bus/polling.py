@@ -13,12 +13,12 @@ still in the log, so that nothing is skipped and nothing is read twice.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from abc import abstractmethod
 from collections import deque
 
+from .. import randomness
 from .base import LOG_LENGTH, Subscription
 
 __all__ = ["Entries", "PollingSubscription"]
@@ -61,7 +61,7 @@ class PollingSubscription(Subscription):
 
     def _interval(self) -> float:
         spread = self.poll_interval * self.jitter
-        return self.poll_interval + (random.uniform(-spread, spread) if spread else 0.0)
+        return self.poll_interval + (randomness.rng.uniform(-spread, spread) if spread else 0.0)
 
     def get(self, timeout: float) -> bytes | None:
         deadline = time.monotonic() + timeout

@@ -2,8 +2,8 @@
 ``create_engine``.
 
 The checks are the validators of :data:`sqla_rebalance.parameters.PARAMETERS`,
-run in table order by :meth:`PoolConfig.build`; this module holds the result
-and the names other modules and users import.
+run in table order by :meth:`PoolConfig.build`; this module holds the result.
+The bounds and the shared checks are in ``sqla_rebalance.validation``.
 """
 
 from __future__ import annotations
@@ -11,31 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .parameters import DEFAULT_JITTER, DEFAULT_POOL_NAME, PARAMETERS
-from .validation import (
-    MAX_COUNT,
-    MAX_DEADLINE,
-    MAX_POOL_NAME,
-    MAX_REBALANCE_SPREAD,
-    MAX_SECONDS,
-    MIN_INTERVAL,
-    TARGET_ROLES,
-    brief_repr,
-)
+from .parameters import PARAMETERS
 
-__all__ = [
-    "DEFAULT_JITTER",
-    "DEFAULT_POOL_NAME",
-    "MAX_COUNT",
-    "MAX_DEADLINE",
-    "MAX_POOL_NAME",
-    "MAX_REBALANCE_SPREAD",
-    "MAX_SECONDS",
-    "MIN_INTERVAL",
-    "TARGET_ROLES",
-    "PoolConfig",
-    "brief_repr",
-]
+__all__ = ["PoolConfig"]
 
 #: ``PoolConfig.build`` keyword -> its row.
 _CHECKED = {p.build: p for p in PARAMETERS if p.build}

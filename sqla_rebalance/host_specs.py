@@ -13,8 +13,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .config import brief_repr
 from .errors import ConfigurationError
+from .validation import brief_repr
 
 __all__ = ["HostSpec", "parse_hosts"]
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import clock, randomness
-from .config import TARGET_ROLES
 from .dns import Answer, DnsError, Resolver, refresh_delay
 from .failure_reasons import _one_line, failure_reason
 from .host_changes import Changes
 from .host_specs import HostSpec, _join, parse_hosts
 from .stats import HOST_DOWN, HOST_REMOVED, REBALANCE
+from .validation import TARGET_ROLES
 
 __all__ = [
     "DOWN",

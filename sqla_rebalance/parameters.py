@@ -46,17 +46,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import validation
-from .validation import DEFAULT_JITTER, DEFAULT_POOL_NAME
+from .validation import Check
 
 __all__ = [
-    "DEFAULT_JITTER",
-    "DEFAULT_POOL_NAME",
     "PARAMETERS",
-    "Check",
     "Kind",
     "Parameter",
     "build_arguments",
-    "by_argument",
     "param_docs",
     "signature_defaults",
     "with_param_docs",
@@ -78,13 +74,6 @@ Kind = Literal[
     "url",
     "secret",
 ]
-
-#: A validator (``sqla_rebalance.validation``): the value as given (the row's
-#: default when not given) and the values of the settings checked before it
-#: (by ``build`` name), to the value the pool uses; raises
-#: :class:`~sqla_rebalance.ConfigurationError`, whose message starts with the
-#: setting's ``create_engine`` name.
-Check = validation.Check
 
 
 @dataclass(frozen=True)
@@ -393,13 +382,6 @@ PARAMETERS: tuple[Parameter, ...] = (
         validation.check_min_recycle_interval,
     ),
 )
-
-_BY_ARGUMENT = {p.argument: p for p in PARAMETERS}
-
-
-def by_argument(argument: str) -> Parameter:
-    """The parameter for a pool ``__init__`` argument (KeyError if unknown)."""
-    return _BY_ARGUMENT[argument]
 
 
 def build_arguments(given: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,12 +35,13 @@ from sqlalchemy.pool import Pool
 
 from . import parameters as table
 from . import targets
-from .config import PoolConfig, brief_repr
+from .config import PoolConfig
 from .dns import parse_nameserver
 from .errors import ConfigurationError
 from .hosts import parse_hosts
 from .parameters import signature_defaults
 from .pool import SECRET_ENV, AsyncRebalancingQueuePool, RebalancingQueuePool
+from .validation import brief_repr
 
 __all__ = ["PARAMETERS", "SECRET_ENV", "RebalancePlugin", "UrlParameter", "parse_hosts_param"]
 

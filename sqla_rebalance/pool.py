@@ -27,7 +27,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from . import _sa, clock, signals, stats, targets
 from .background import Background, Schedule
 from .bus.listener import Listener
-from .bus.message import Command
+from .bus.message import MAX_SPREAD, Command
 from .config import PoolConfig
 from .hosts import HostSet
 from .ledger import Ledger
@@ -45,9 +45,6 @@ __all__ = ["SECRET_ENV", "AsyncRebalancingQueuePool", "RebalancingQueuePool"]
 
 #: Seconds between create_engine() and the first background prefill.
 _PREFILL_DELAY = 0.1
-
-#: Longest ``spread`` a recycle may ask for (one day, as for a cluster-wide command).
-_MAX_SPREAD = 86400.0
 
 
 @_sa.pool_class("sqlalchemy.pool.impl.RebalancingQueuePool")
@@ -324,10 +321,10 @@ class RebalancingQueuePool(QueuePool):
         if (
             isinstance(spread, bool)
             or not isinstance(spread, (int, float))
-            or not 0.0 <= spread <= _MAX_SPREAD  # False for nan too
+            or not 0.0 <= spread <= MAX_SPREAD  # False for nan too
         ):
             raise ValueError(
-                f"spread must be a number of seconds in [0, {_MAX_SPREAD:g}], got {spread!r}"
+                f"spread must be a number of seconds in [0, {MAX_SPREAD:g}], got {spread!r}"
             )
         if host is not None and (not isinstance(host, str) or not host.strip()):
             raise ValueError(f"host must be a non-empty host key or name, or None, got {host!r}")

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_SECONDS",
     "MIN_INTERVAL",
     "TARGET_ROLES",
+    "Check",
     "brief_repr",
     "count",
     "integer",
@@ -58,7 +59,11 @@ MAX_DEADLINE = 3600.0
 MAX_REBALANCE_SPREAD = 86400.0
 #: The longest pool name a cluster-wide command can address (``--pool``).
 MAX_POOL_NAME = 200
-#: A setting's validator (see ``parameters.Parameter.check``).
+#: A setting's validator (``parameters.Parameter.check``): the value as given
+#: (the row's default when not given) and the values of the settings checked
+#: before it (by ``build`` name), to the value the pool uses; raises
+#: :class:`~sqla_rebalance.ConfigurationError`, whose message starts with the
+#: setting's ``create_engine`` name.
 Check = Callable[[Any, Mapping[str, Any]], Any]
 
 #: ``recycle_jitter`` when ``pool_recycle`` is set and the jitter is not:

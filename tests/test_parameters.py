@@ -18,13 +18,14 @@ import pytest
 from sqlalchemy import create_engine
 
 from sqla_rebalance import AsyncRebalancingQueuePool, ConfigurationError, RebalancingQueuePool
-from sqla_rebalance.config import MAX_COUNT, MAX_SECONDS, PoolConfig
+from sqla_rebalance.config import PoolConfig
 from sqla_rebalance.parameters import (
     PARAMETERS,
     Parameter,
     build_arguments,
     signature_defaults,
 )
+from sqla_rebalance.validation import MAX_COUNT, MAX_SECONDS
 
 #: A value that is not the default, for each kind of setting, and the same as URL text.
 SAMPLES: dict[str, tuple[Any, str]] = {

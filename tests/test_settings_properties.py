@@ -56,17 +56,12 @@ from sqlalchemy.pool import QueuePool
 
 from sqla_rebalance import parameters as table
 from sqla_rebalance import pool as pool_module
-from sqla_rebalance.config import (
-    MAX_COUNT,
-    MAX_POOL_NAME,
-    MAX_SECONDS,
-    TARGET_ROLES,
-    PoolConfig,
-)
+from sqla_rebalance.config import PoolConfig
 from sqla_rebalance.errors import ConfigurationError
 from sqla_rebalance.hosts import parse_hosts
 from sqla_rebalance.plugin import PARAMETERS, parse_hosts_param
 from sqla_rebalance.pool import RebalancingQueuePool
+from sqla_rebalance.validation import MAX_COUNT, MAX_POOL_NAME, MAX_SECONDS, TARGET_ROLES
 
 flask = pytest.importorskip("flask")
 flask_sqlalchemy = pytest.importorskip("flask_sqlalchemy")

@@ -54,9 +54,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from ..config import brief_repr
 from ..deadlines import Deadline
 from ..errors import ConfigurationError
+from ..validation import brief_repr
 from .base import (
     LOG_LENGTH,
     Ack,

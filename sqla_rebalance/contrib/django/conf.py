@@ -46,12 +46,13 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import QueuePool
 
 from ...bus import open_bus
-from ...config import PoolConfig, brief_repr
+from ...config import PoolConfig
 from ...dns import Resolver
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
 from ...parameters import PARAMETERS
 from ...pool import RebalancingQueuePool
+from ...validation import brief_repr
 
 __all__ = [
     "DEFAULTS",

@@ -16,11 +16,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
 from ...bus import Bus
-from ...config import DEFAULT_POOL_NAME, PoolConfig, brief_repr
+from ...config import PoolConfig
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
 from ...parameters import PARAMETERS
 from ...pool import AsyncRebalancingQueuePool, RebalancingQueuePool
+from ...validation import DEFAULT_POOL_NAME, brief_repr
 from .settings import BY_BIND_NAME, Unset, Value
 
 __all__ = ["EXTENSION_KEY", "FSA_KEY", "AppState", "EnginePlan", "app_state", "plan_engine"]

@@ -13,12 +13,12 @@ from typing import Any
 
 from ...bus import Bus, open_bus
 from ...bus.base import redact
-from ...config import brief_repr
 from ...dns import Resolver, parse_nameserver
 from ...errors import ConfigurationError
 from ...hosts import parse_hosts
 from ...parameters import PARAMETERS
 from ...plugin import parse_hosts_param
+from ...validation import brief_repr
 
 __all__ = [
     "BINDS_KEY",

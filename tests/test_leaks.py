@@ -20,16 +20,43 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _left() -> str:
+    """What keeps the process from its baseline: the worker thread and what it still
+    serves (registered pools, timers not cancelled), and bus listener threads."""
+    gc.collect()
+    worker = get_worker()
+    listening = [t.name for t in threading.enumerate() if t.name.startswith("sqla-rebalance-bus")]
+    if worker.thread is None and not listening:
+        return ""
+    pools = [type(ref()).__name__ for ref in list(worker._pools.values()) if ref() is not None]
+    timers = [_timer(t.callback) for _when, _seq, t in list(worker._timers) if not t.cancelled]
+    return f"worker thread {worker.thread}, pools {pools}, timers {timers}, listeners {listening}"
+
+
+def _timer(callback: object) -> str:
+    """A timer's callback: a deadline as the operation and host it watches."""
+    deadline = getattr(callback, "__self__", None)
+    if deadline is not None and hasattr(deadline, "what"):
+        return f"deadline of a {deadline.what} on {deadline.host} (misses {deadline.misses})"
+    return repr(callback)
+
+
 def settle() -> bool:
     """No worker thread and no bus listener left (an earlier test's may still be exiting)."""
-    gc.collect()
-    listening = [t for t in threading.enumerate() if t.name.startswith("sqla-rebalance-bus")]
-    return get_worker().thread is None and not listening
+    return not _left()
+
+
+def wait_settled() -> None:
+    """:func:`settle`, saying what is left if it never comes."""
+    try:
+        wait_for(settle)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; left: {_left()}") from None
 
 
 def test_thousand_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
     url = f"sqlite:///{tmp_path}/leak.db"
-    wait_for(settle)
+    wait_settled()
     threads, fds = threading.active_count(), open_fds()
     for i in range(1000):
         engine = create_engine(
@@ -44,14 +71,14 @@ def test_thousand_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
         assert get_worker().thread is not None  # the worker serves the pool...
         engine.dispose()
         del engine, conn
-    wait_for(settle)  # ...and stops once no pool is left
+    wait_settled()  # ...and stops once no pool is left
     assert threading.active_count() == threads
     assert open_fds() == fds
 
 
 def test_multi_host_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
     hosts = [str(tmp_path / f"h{i}.db") for i in range(3)]
-    wait_for(settle)
+    wait_settled()
     threads, fds = threading.active_count(), open_fds()
     for _ in range(300):
         engine = create_engine(
@@ -62,7 +89,7 @@ def test_multi_host_engine_cycles_leave_threads_and_fds_at_baseline(tmp_path):
             conn.close()
         engine.dispose()
         del engine, conns, conn
-    wait_for(settle)
+    wait_settled()
     assert threading.active_count() == threads
     assert open_fds() == fds
 
@@ -72,7 +99,7 @@ def test_worker_holds_pools_weakly(tmp_path):
     wait_for(lambda: engine.pool.checkedin() == 1)  # prefilled by the worker
     assert get_worker().is_registered(engine.pool)
     engine = None  # the only reference: the pool goes with it
-    wait_for(settle)
+    wait_settled()
 
 
 class _DBAPIConn:
